@@ -1,0 +1,3 @@
+from delinea.main import main
+
+main()
