@@ -1,0 +1,63 @@
+"""The Control DiT: a trainable copy of the base DiT's first K blocks that steers it through zero Linears."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import DiTTransformer2DModel
+from torch import nn
+
+from delinea.models import dit as dit_ops
+
+
+class ControlDiT(nn.Module):
+    """K copied DiT blocks over ``Z_ct = concat(Z_mt, zero_conv(Z_o))``, one zero Linear per block.
+
+    Initialisation guarantees that the steered DiT's output equals the base DiT's exactly: every residual passes
+    through a zero Linear. The image latent ``Z_o`` enters through a zero 1x1 conv (the paper's zero conv); its
+    half of the patch embedding is a copy of the base patch embedding, not zero. Were both zero, each would
+    receive a zero gradient through the other forever and the model would never see the image.
+
+    Args:
+        base: the frozen base DiT to copy blocks and patch embedding from.
+        num_blocks: K, the number of copied blocks (1 <= K <= number of base blocks).
+    """
+
+    def __init__(self, base: DiTTransformer2DModel, num_blocks: int) -> None:
+        super().__init__()
+        depth = len(base.transformer_blocks)
+        if not 1 <= num_blocks <= depth:
+            raise ValueError(f"control_blocks K={num_blocks} must be between 1 and the base DiT's {depth} blocks")
+        channels = base.config.in_channels
+        hidden = base.inner_dim
+        self.zero_conv = nn.Conv2d(channels, channels, kernel_size=1)
+        nn.init.zeros_(self.zero_conv.weight)  # zero-initialised: Z_o starts silent
+        nn.init.zeros_(self.zero_conv.bias)
+        self.patch_embed = copy.deepcopy(base.pos_embed)
+        old = base.pos_embed.proj
+        self.patch_embed.proj = nn.Conv2d(2 * channels, hidden, old.kernel_size, old.stride)
+        with torch.no_grad():
+            self.patch_embed.proj.weight.copy_(old.weight.repeat(1, 2, 1, 1))  # Z_mt half and Z_o half
+            self.patch_embed.proj.bias.copy_(old.bias)
+        self.blocks = nn.ModuleList(copy.deepcopy(base.transformer_blocks[i]) for i in range(num_blocks))
+        for block in self.blocks:
+            # The copies get the label the caller chose, never a randomly dropped one.
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        self.zero_linears = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_blocks))
+        for linear in self.zero_linears:
+            nn.init.zeros_(linear.weight)  # zero-initialised: no control at step 0
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self, noisy_mask_latent: torch.Tensor, image_latent: torch.Tensor, timestep: torch.Tensor,
+        class_labels: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Residuals for base blocks 0..K-1: (N, C, h, w) x 2 -> K x (N, T, D)."""
+        z_ct = torch.cat([noisy_mask_latent, self.zero_conv(image_latent)], dim=1)  # (N, 2C, h, w)
+        hidden = self.patch_embed(z_ct)  # (N, T, D)
+        residuals = []
+        for block, zero_linear in zip(self.blocks, self.zero_linears):
+            hidden = dit_ops.run_block(block, hidden, timestep, class_labels)
+            residuals.append(zero_linear(hidden))  # (N, T, D)
+        return residuals

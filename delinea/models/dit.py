@@ -1,0 +1,289 @@
+"""The frozen base Diffusion Transformer: diffusers' ``DiTTransformer2DModel``, size presets and weight loading.
+
+The base network is diffusers' DiT so that pretrained ``facebook/DiT-XL-2-256`` folders load as they are. Its
+forward is re-run here block by block (:func:`embed`, :func:`final_layer`) so that the Control DiT can add a
+residual after each block. Original facebookresearch/DiT ``.pt`` checkpoints are converted key by key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+from torch import nn
+
+# DiT size presets (depth, hidden size, heads) from the DiT paper, plus a tiny one for tests and CPU demos.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (4, 64, 4),
+    "mini": (6, 192, 6),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DIT_PRESETS: tuple[str, ...] = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8))
+NULL_CLASS = 1000  # the DiT's unconditional label: row 1000 of the 1001-row label table
+
+
+def build_dit(
+    preset: str = "DiT-XL/2",
+    sample_size: int = 32,
+    in_channels: int = 4,
+    learn_sigma: bool = True,
+    num_classes: int = 1000,
+) -> DiTTransformer2DModel:
+    """Build a randomly initialised DiT from a preset name such as ``DiT-B/4`` or ``DiT-tiny/2``.
+
+    Args:
+        preset: ``DiT-{tiny,mini,S,B,L,XL}/{2,4,8}``.
+        sample_size: latent height and width the positional embedding is laid out for.
+        in_channels: latent channels.
+        learn_sigma: output twice the latent channels (ε and σ) like the released DiTs.
+        num_classes: class labels; one more row is kept for the null class.
+    """
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; expected one of {', '.join(DIT_PRESETS)}")
+    size, patch = preset.removeprefix("DiT-").split("/")
+    depth, hidden, heads = DIT_SIZES[size]
+    if sample_size % int(patch):
+        raise ValueError(f"sample_size {sample_size} is not divisible by the patch size {patch} of {preset}")
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=in_channels,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
+        num_layers=depth,
+        sample_size=sample_size,
+        patch_size=int(patch),
+        num_embeds_ada_norm=num_classes,
+        norm_eps=1e-6,
+    )
+    _init_like_original(dit)
+    return match_original_dit(dit)
+
+
+def _init_like_original(dit: DiTTransformer2DModel) -> None:
+    """DiT's initialisation: xavier linears, normal embeddings, zero adaLN modulation and output (adaLN-Zero)."""
+    for module in dit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    weight = dit.pos_embed.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    for block in dit.transformer_blocks:
+        emb = block.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    # One shared embedder in the original: start every block's copy equal.
+    first = dit.transformer_blocks[0].norm1.emb.state_dict()
+    for block in dit.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    for layer in (dit.proj_out_1, dit.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def match_original_dit(dit: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Make diffusers' DiT compute the original DiT's equations, which the pretrained weights were trained with.
+
+    diffusers builds the timestep sinusoid with ``downscale_freq_shift=1`` (exponent divided by half - 1) where
+    the original divides by half, and its pre-MLP LayerNorm uses eps 1e-5 where the original uses 1e-6.
+    """
+    for block in dit.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm3.eps = 1e-6
+    return dit
+
+
+def embed(dit: DiTTransformer2DModel, latent: torch.Tensor) -> torch.Tensor:
+    """Patchify and add the positional embedding: (N, C, H, W) -> (N, T, D)."""
+    return dit.pos_embed(latent)
+
+
+def run_block(
+    block: nn.Module, hidden: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+) -> torch.Tensor:
+    """One adaLN-Zero transformer block: (N, T, D) -> (N, T, D)."""
+    return block(hidden, timestep=timestep, class_labels=class_labels)
+
+
+def final_layer(
+    dit: DiTTransformer2DModel, hidden: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+) -> torch.Tensor:
+    """adaLN output layer and unpatchify: (N, T, D) -> (N, C_out, H, W)."""
+    conditioning = dit.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden.dtype)  # (N, D)
+    shift, scale = dit.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+    hidden = dit.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
+    hidden = dit.proj_out_2(hidden)  # (N, T, p*p*C_out)
+    n, tokens, _ = hidden.shape
+    p, c = dit.patch_size, dit.out_channels
+    side = math.isqrt(tokens)
+    hidden = hidden.reshape(n, side, side, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(n, c, side * p, side * p)
+
+
+def forward(
+    dit: DiTTransformer2DModel,
+    latent: torch.Tensor,
+    timestep: torch.Tensor,
+    class_labels: torch.Tensor,
+    residual: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """The DiT forward run block by block; ``residual(i, h)`` may return a tensor added after block i."""
+    hidden = embed(dit, latent)  # (N, T, D)
+    for i, block in enumerate(dit.transformer_blocks):
+        hidden = run_block(block, hidden, timestep, class_labels)
+        extra = residual(i, hidden) if residual is not None else None
+        if extra is not None:
+            hidden = hidden + extra
+    return final_layer(dit, hidden, timestep, class_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dit(path: str | Path) -> DiTTransformer2DModel:
+    """Load a DiT from a local diffusers folder (``transformer/`` of ``facebook/DiT-XL-2-256`` or its parent)
+    or from an original facebookresearch/DiT ``.pt`` checkpoint. Nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the weights do not fit the architecture (missing or unexpected keys are listed).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DiT weights not found at {path}: expected a diffusers folder or a DiT .pt file")
+    if path.is_file():
+        return convert_original_dit(_load_torch_file(path), source=str(path))
+    folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers DiTTransformer2DModel folder")
+    config = json.loads(config_file.read_text())
+    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise ValueError(f"{config_file}: norm_type {config['norm_type']!r} is not a DiT (expected 'ada_norm_zero')")
+    # The hub config names the legacy Transformer2DModel; from_config reads its DiT arguments all the same.
+    dit = DiTTransformer2DModel.from_config(config)
+    load_weights(dit, read_weights(folder), source=str(folder))
+    return match_original_dit(dit)
+
+
+def save_dit(dit: DiTTransformer2DModel, folder: str | Path) -> None:
+    """Write a DiT as a diffusers folder (config.json + safetensors) that :func:`load_dit` reads."""
+    dit.save_pretrained(str(folder), safe_serialization=True)
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a diffusers model folder: safetensors preferred, else a ``.bin`` without pickled code."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors or *.bin weight file")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)) if file.suffix == ".safetensors" else _load_torch_file(file))
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that names the file and the missing, unexpected or mis-shaped keys on failure."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"weights in {source} do not fit {type(model).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(shapes)} with another shape {sorted(shapes)[:3]}"
+        )
+    model.load_state_dict(state)
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a checkpoint from the internet must not be able to run code when loaded.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read {path} as a weights-only torch file: {error}") from error
+
+
+def convert_original_dit(
+    checkpoint: dict[str, torch.Tensor], source: str = "checkpoint", num_heads: int | None = None
+) -> DiTTransformer2DModel:
+    """Convert a facebookresearch/DiT state dict (or a train.py checkpoint with an ``ema`` key) to diffusers.
+
+    The architecture is read off the tensor shapes; the head count, which shapes do not carry, comes from the
+    DiT presets by hidden size unless given.
+    """
+    state = checkpoint.get("ema", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{source} is not an original DiT checkpoint: no 'x_embedder.proj.weight' key")
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if num_heads is None:
+        by_hidden = {h: heads for _, h, heads in DIT_SIZES.values()}
+        if hidden not in by_hidden:
+            raise ValueError(f"{source}: hidden size {hidden} is no DiT preset; pass num_heads")
+        num_heads = by_hidden[hidden]
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    table_rows = state["y_embedder.embedding_table.weight"].shape[0]
+    tokens = state["pos_embed"].shape[1] if "pos_embed" in state else None
+    sample_size = math.isqrt(tokens) * patch if tokens else 32
+    dit = DiTTransformer2DModel(
+        num_attention_heads=num_heads,
+        attention_head_dim=hidden // num_heads,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layers=depth,
+        sample_size=sample_size,
+        patch_size=patch,
+        num_embeds_ada_norm=table_rows - 1,  # the extra row is the null class
+        norm_eps=1e-6,
+    )
+    converted: dict[str, torch.Tensor] = {
+        "pos_embed.proj.weight": state["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": state["x_embedder.proj.bias"],
+        "proj_out_1.weight": state["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": state["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": state["final_layer.linear.weight"],
+        "proj_out_2.bias": state["final_layer.linear.bias"],
+    }
+    for d in range(depth):
+        new, old = f"transformer_blocks.{d}.", f"blocks.{d}."
+        # The original shares one timestep and one label embedder; diffusers keeps a copy in every block.
+        for kind in ("weight", "bias"):
+            converted[new + f"norm1.emb.timestep_embedder.linear_1.{kind}"] = state[f"t_embedder.mlp.0.{kind}"]
+            converted[new + f"norm1.emb.timestep_embedder.linear_2.{kind}"] = state[f"t_embedder.mlp.2.{kind}"]
+            converted[new + f"norm1.linear.{kind}"] = state[old + f"adaLN_modulation.1.{kind}"]
+            q, k, v = state[old + f"attn.qkv.{kind}"].chunk(3, dim=0)
+            converted[new + f"attn1.to_q.{kind}"] = q
+            converted[new + f"attn1.to_k.{kind}"] = k
+            converted[new + f"attn1.to_v.{kind}"] = v
+            converted[new + f"attn1.to_out.0.{kind}"] = state[old + f"attn.proj.{kind}"]
+            converted[new + f"ff.net.0.proj.{kind}"] = state[old + f"mlp.fc1.{kind}"]
+            converted[new + f"ff.net.2.{kind}"] = state[old + f"mlp.fc2.{kind}"]
+        converted[new + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+    expected = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
+    expected |= {f"t_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}
+    expected |= {f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")}
+    block_parts = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    expected |= {f"blocks.{d}.{part}.{kind}" for d in range(depth) for part in block_parts for kind in ("weight", "bias")}
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ValueError(f"{source}: unexpected keys for an original DiT checkpoint: {unexpected[:5]}")
+    load_weights(dit, converted, source)
+    if "pos_embed" in state and not torch.allclose(state["pos_embed"].float(), dit.pos_embed.pos_embed, atol=1e-5):
+        raise ValueError(f"{source}: its fixed sin-cos positional embedding differs from the DiT layout")
+    return match_original_dit(dit)
