@@ -1,0 +1,232 @@
+"""The MedDelinea Lightning task: builds the network, freezes the backbones and trains the control branch."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+from delinea.labels import NUM_CLASSES
+from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
+from delinea.models.dit import DIT_PRESETS, NULL_CLASS
+from delinea.models.sampling import make_sampler
+from delinea.models.vae import VAE_SIZES, MaskVAE
+from delinea.tasks.base import SegmentationTask
+from delinea.tasks.latent_cache import LatentCache
+
+
+class MedDelineaTask(SegmentationTask):
+    """Train and run MedDelinea.
+
+    Only the Control DiT (with its zero conv and zero Linears) and the decoder's class head train; the base DiT
+    and the VAE are frozen (``requires_grad=False``) and stay in eval mode whatever Lightning does.
+
+    Args:
+        dit: a DiT preset (``DiT-XL/2``, ``DiT-B/4``, ``DiT-tiny/2``, ... randomly initialised) or a local path to
+            a diffusers folder (``facebook/DiT-XL-2-256`` or its ``transformer/``) or an original DiT ``.pt``.
+        vae: a VAE preset (``sd``, ``small``, ``tiny``) or a local diffusers ``AutoencoderKL`` folder.
+        image_size: slice size the presets' positional embedding is laid out for (other sizes interpolate).
+        control_blocks: K, base blocks copied into the Control DiT (paper: 15).
+        class_label: DiT class label given to every sample (1000 = null class).
+        lr: AdamW learning rate (paper: 2e-5).
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine`` or ``linear`` decay to zero over the run, or ``constant``.
+        warmup_steps: linear warm-up steps.
+        seg_loss_weight: weight of L_seg (BCE + Dice of decoded logits); 0 trains with L_diff only.
+        seg_max_timestep: L_seg is computed only for t below this. Tweedie divides by √ᾱ_t (ᾱ_999 ≈ 4e-5, a
+            157x amplification of ε̂ errors), so at large t the decoded mask is noise and its loss only adds
+            variance; skipping those samples also saves their decoder pass.
+        train_head: train the class head (False: only the noise predictor trains, a paper ablation).
+        sampler: sampler used by validation, test and predict.
+        sampling_steps: sampler steps.
+        ensemble: samples per slice at test/predict time (probabilities averaged, entropy as uncertainty).
+        init_from: a MedDelinea checkpoint whose control branch and head initialise this one (fine-tuning).
+        save_frozen_weights: keep the frozen backbones in checkpoints. Backbones built from presets (random
+            weights that cannot be loaded elsewhere) are always kept.
+        latent_cache: folder for cached VAE latents of unaugmented slices (the VAE encoder is frozen).
+        zero_image: replace the image latent by zeros (an ablation proving the model reads the image).
+    """
+
+    def __init__(
+        self,
+        dit: str = "DiT-XL/2",
+        vae: str = "sd",
+        image_size: int = 256,
+        control_blocks: int = 15,
+        class_label: int = NULL_CLASS,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        seg_loss_weight: float = 1.0,
+        seg_max_timestep: int = 500,
+        train_head: bool = True,
+        sampler: str = "euler_ancestral",
+        sampling_steps: int = 20,
+        ensemble: int = 1,
+        init_from: str | None = None,
+        save_frozen_weights: bool = False,
+        latent_cache: str | None = None,
+        zero_image: bool = False,
+    ) -> None:
+        make_sampler(sampler)  # fail early on an unknown sampler name
+        if not 0 < seg_max_timestep <= 1000:
+            raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
+        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+
+    # -- building ------------------------------------------------------------------------------------------
+
+    def configure_models(self) -> None:
+        """Build (or load) the backbones, the control branch and the head; freeze what must not train."""
+        if hasattr(self, "model"):  # Lightning calls this hook again at fit start
+            return
+        hp = self.hparams
+        vae = build_vae(hp.vae) if hp.vae in VAE_SIZES else load_vae(_existing(hp.vae, "vae"))
+        mask_vae = MaskVAE(vae, NUM_CLASSES)
+        latent_size = hp.image_size // mask_vae.downsampling
+        if hp.dit in DIT_PRESETS:
+            dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
+        else:
+            dit = load_dit(_existing(hp.dit, "dit"))
+        self.model = MedDelinea(dit, mask_vae, control_blocks=hp.control_blocks, class_label=hp.class_label)
+        for module in self.model.frozen_modules():
+            module.requires_grad_(False)
+        self.model.vae.head.requires_grad_(hp.train_head)
+        self.frozen_from_files = hp.dit not in DIT_PRESETS and hp.vae not in VAE_SIZES
+        if hp.init_from:
+            self._init_trainable_from(hp.init_from)
+        self.latent_cache = LatentCache(hp.latent_cache, self.vae_fingerprint()) if hp.latent_cache else None
+        self.dice_loss = DiceLoss(sigmoid=True, reduction="none")
+
+    def _init_trainable_from(self, path: str) -> None:
+        checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        wanted = {k: v for k, v in state.items() if k.startswith(("model.control.", "model.vae.head."))}
+        if not wanted:
+            raise ValueError(f"init_from {path} holds no MedDelinea control branch (no 'model.control.*' keys)")
+        own = self.state_dict()
+        wrong = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
+                             f"control_blocks against the checkpoint's hyperparameters")
+        self.load_state_dict(wanted, strict=False)
+
+    def vae_fingerprint(self) -> str:
+        """A hash of the frozen encoder weights: cached latents of another VAE are never read."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.vae.vae.encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def train(self, mode: bool = True) -> MedDelineaTask:
+        super().train(mode)
+        self.model.train(mode)  # re-applies eval() to the frozen parts
+        return self
+
+    # -- losses --------------------------------------------------------------------------------------------
+
+    def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and mask latents of a batch, from the latent cache where possible."""
+        image, mask = batch["image"], batch["mask"]
+        if self.latent_cache is None:
+            with torch.no_grad():
+                return self.model.vae.encode(image), self.model.vae.encode_mask(mask)
+        return self.latent_cache.get_or_compute(
+            batch["cache_key"], lambda idx: (self.model.vae.encode(image[idx]), self.model.vae.encode_mask(mask[idx]))
+        )
+
+    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """L_diff, L_seg and their weighted sum for one batch."""
+        image, mask, labelled = batch["image"], batch["mask"], batch["labelled"]
+        self.model.check_inputs(image, mask)
+        image_latent, mask_latent = self.latents(batch)
+        if self.hparams.zero_image:
+            image_latent = torch.zeros_like(image_latent)
+        n = image.shape[0]
+        timestep = torch.randint(0, 1000, (n,), device=self.device, generator=generator)
+        noise = torch.randn(mask_latent.shape, device=self.device, generator=generator, dtype=mask_latent.dtype)
+        noisy = self.model.add_noise(mask_latent, noise, timestep)
+        noise_pred = self.model.predict_noise(noisy, timestep, image_latent)
+        loss_diff = F.mse_loss(noise_pred.float(), noise.float())
+        loss_seg = self.segmentation_loss(noisy, noise_pred, timestep, mask, labelled)
+        return {"loss": loss_diff + self.hparams.seg_loss_weight * loss_seg, "loss_diff": loss_diff,
+                "loss_seg": loss_seg}
+
+    def segmentation_loss(self, noisy: torch.Tensor, noise_pred: torch.Tensor, timestep: torch.Tensor,
+                          mask: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """BCE + Dice of the decoded Tweedie estimate, over labelled classes, for samples with t < max."""
+        keep = timestep < self.hparams.seg_max_timestep
+        if self.hparams.seg_loss_weight == 0 or not keep.any():
+            # Zero that still touches the head, so DDP sees a gradient for every trainable parameter.
+            return sum(p.sum() * 0.0 for p in self.model.vae.head.parameters())
+        latent0 = self.model.tweedie(noisy[keep], noise_pred[keep], timestep[keep])
+        logits = self.model.vae.decode_logits(latent0).float()  # (n, C, H, W)
+        target = F.one_hot(mask[keep].long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))  # (n, C)
+        dice = self.dice_loss(logits, target).flatten(1)  # (n, C)
+        weight = labelled[keep].float()
+        return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        # Fixed noise and timesteps per batch, so validation losses of different epochs compare.
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        return self.losses(batch, generator=generator)
+
+    @torch.no_grad()
+    def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (N, C, H, W) and uncertainty (N, H, W) of slices, by sampling."""
+        image_latent = self.model.vae.encode(image)
+        if self.hparams.zero_image:
+            image_latent = torch.zeros_like(image_latent)
+        generator = torch.Generator(self.device).manual_seed(0)
+        return self.model.sample(image, scheduler=self.hparams.sampler, steps=self.hparams.sampling_steps,
+                                 ensemble=self.hparams.ensemble, generator=generator, image_latent=image_latent)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def frozen_keys(self) -> set[str]:
+        prefixes = ("model.dit.", "model.vae.vae.", "model.vae.rgb_out.")
+        return {k for k in self.state_dict() if k.startswith(prefixes)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave out frozen backbone weights that load from their files anyway, with a fingerprint to check."""
+        checkpoint["delinea_frozen_fingerprint"] = self.frozen_fingerprint()
+        if self.frozen_from_files and not self.hparams.save_frozen_weights:
+            for key in self.frozen_keys():
+                checkpoint["state_dict"].pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill frozen weights left out of the checkpoint from the backbones just loaded, after checking them."""
+        state = checkpoint["state_dict"]
+        missing = self.frozen_keys() - set(state)
+        if not missing:
+            return
+        expected = checkpoint.get("delinea_frozen_fingerprint")
+        if expected is not None and expected != self.frozen_fingerprint():
+            raise ValueError("the checkpoint was trained on other frozen backbones than the ones loaded from "
+                             f"dit={self.hparams.dit!r} and vae={self.hparams.vae!r}")
+        own = self.state_dict()
+        state.update({k: own[k] for k in missing})
+
+    def frozen_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        own = self.state_dict()
+        for key in sorted(self.frozen_keys()):
+            digest.update(key.encode())
+            digest.update(own[key].detach().float().cpu().numpy().tobytes()[:4096])
+            digest.update(str(float(own[key].float().sum())).encode())
+        return digest.hexdigest()[:16]
+
+
+def _existing(path: str, what: str) -> Path:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what}={path!r} is neither a preset nor an existing path")
+    return Path(path)
+
