@@ -42,6 +42,7 @@ class MedDelinea(nn.Module):
         self.latent_channels = vae.latent_channels
         self.noise_schedule = training_scheduler()
         self.register_buffer("alphas_cumprod", self.noise_schedule.alphas_cumprod.clone(), persistent=False)
+        self.train()  # a new module is in train mode: put the frozen parts in eval from the start
 
     # -- structure -----------------------------------------------------------------------------------------
 

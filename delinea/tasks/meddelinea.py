@@ -110,6 +110,7 @@ class MedDelineaTask(SegmentationTask):
             raise ValueError(f"init_from {path} holds no MedDelinea control branch (no 'model.control.*' keys)")
         own = self.state_dict()
         wrong = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
+        wrong += sorted(k for k in own if k.startswith(("model.control.", "model.vae.head.")) and k not in wanted)
         if wrong:
             raise ValueError(f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
                              f"control_blocks against the checkpoint's hyperparameters")

@@ -1,0 +1,488 @@
+"""Base datamodules: 2D axial slices of 3D CT/MRI volumes, the batch contract every task relies on.
+
+Batch contract (train, val, test; predict carries ``image``, ``case_id``, ``slice_index``, ``cache_key``)::
+
+    image        float32 (B, 1, H, W)  in [-1, 1]  (CT: HU window; MRI: per-volume 0.5-99.5 percentiles)
+    mask         int64   (B, H, W)     unified organ ids 0..8 (delinea.labels.ORGANS)
+    labelled     bool    (B, 9)        classes the source annotates (background False in single-organ sets)
+    case_id      list[str]
+    slice_index  int64   (B,)          axial index k in the canonical volume
+    cache_key    list[str]             SHA-1 naming the preprocessed slice; "" when augmented (never cache)
+
+Slice ``k`` is ``canonical[:, :, k]`` of the RAS+ volume (H along x = towards patient right, W along
+y = anterior), resized to ``resolution`` (bilinear image, nearest mask). :func:`slices_to_volume` undoes it.
+Validation and test batches come case by case with slices ascending, so a task can stack them into
+volumes and call :meth:`MedSegDataModule.load_case` for the label, spacing and geometry; each rank gets
+whole cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from delinea.datamodules.dataset import SliceDataset
+from delinea.datamodules.samplers import SliceBatchSampler
+from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
+from delinea.datamodules.utils import (
+    CaseFiles,
+    Intensity,
+    LabelSpec,
+    check_case,
+    load_case_files,
+    read_label,
+)
+from delinea.io import DatasetError, Geometry, is_nifti, nifti_stem
+from delinea.labels import NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Case:
+    """One whole case in canonical RAS+ orientation, for 3D evaluation and for writing predictions.
+
+    Attributes:
+        case_id: the case's id.
+        image: normalised image, float32 (X, Y, Z) in [-1, 1].
+        label: unified ids, uint8 (X, Y, Z), or None when unlabelled.
+        labelled: classes the label annotates, bool (9,).
+        spacing: voxel size in mm in the canonical axis order.
+        geometry: original/canonical affines and shapes; ``geometry.to_original(pred)`` and
+            ``geometry.original_affine`` write a prediction on the input's grid (:func:`delinea.io.save_nifti`).
+        modality: ``'ct'`` or ``'mr'``.
+        path: the image file or DICOM folder.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    labelled: np.ndarray
+    spacing: tuple[float, float, float]
+    geometry: Geometry
+    modality: str
+    path: Path
+
+
+def _check_resolution(resolution: int | Sequence[int]) -> list[int]:
+    values = [resolution] if isinstance(resolution, int) else list(resolution)
+    if not values or any(not isinstance(r, int) or isinstance(r, bool) or r < 8 or r % 8 for r in values):
+        raise ValueError(f"resolution must be a positive multiple of 8 or a list of them, got {resolution!r}")
+    return values
+
+
+class MedSegDataModule(LightningDataModule, ABC):
+    """Common base of every delinea datamodule: slices, loaders and whole-case access.
+
+    Args:
+        resolution: slice size; a list alternates between batches in training (evaluation uses the first).
+        batch_size: slices per batch.
+        num_workers: loader worker processes.
+        window: CT window in HU mapped to [-1, 1].
+        percentiles: MRI percentiles per volume mapped to [-1, 1].
+        cache_cases: volumes each worker keeps in memory (and cases per training shuffle block).
+        affine_tolerance: allowed difference in mm between image and label affines.
+    """
+
+    #: Short dataset name (the CLI name and part of split file names and cache keys).
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        resolution: int | list[int] = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        window: tuple[float, float] = (-175.0, 250.0),
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        cache_cases: int = 4,
+        affine_tolerance: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.resolutions = _check_resolution(resolution)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        if len(window) != 2 or not window[0] < window[1]:
+            raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
+        if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}")
+        if cache_cases < 1:
+            raise ValueError(f"cache_cases must be at least 1, got {cache_cases}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
+        self.cache_cases = cache_cases
+        self.affine_tolerance = affine_tolerance
+        self.skipped_cases: dict[str, str] = {}
+        self._files: dict[str, CaseFiles] | None = None
+        self._datasets: dict[str, SliceDataset] = {}
+
+    # -- what a dataset defines ----------------------------------------------------------------------------
+    @abstractmethod
+    def discover(self) -> list[CaseFiles]:
+        """List the dataset's cases from its on-disk layout (directory listing only, no reading)."""
+
+    @property
+    def label_spec(self) -> LabelSpec | None:
+        """How label files map to unified ids; None for unlabelled data."""
+        return None
+
+    @property
+    def root_string(self) -> str:
+        """The data location, as it enters cache keys."""
+        return ""
+
+    # -- cases ---------------------------------------------------------------------------------------------
+    @property
+    def files(self) -> dict[str, CaseFiles]:
+        """Every discovered case by id (discovered once)."""
+        if self._files is None:
+            found = self.discover()
+            ids = [f.case_id for f in found]
+            if len(set(ids)) != len(ids):
+                duplicates = sorted({i for i in ids if ids.count(i) > 1})
+                raise DatasetError(f"{self.name}: duplicate case ids {duplicates[:10]} in {self.root_string}")
+            self._files = {f.case_id: f for f in found}
+        return self._files
+
+    def load_case(self, case_id: str) -> Case:
+        """Read one whole case, canonical and normalised, with its unified label and geometry.
+
+        Raises:
+            KeyError: unknown ``case_id``.
+            DatasetError: the case's files are missing, corrupt or inconsistent.
+        """
+        if case_id not in self.files:
+            raise KeyError(f"{self.name}: no case {case_id!r} (have {len(self.files)} cases, e.g. {list(self.files)[:5]})")
+        files = self.files[case_id]
+        check_case(files, needs_label=False, atol=self.affine_tolerance)
+        loaded = load_case_files(files, self.label_spec, self.intensity, self._ignore_unknown, self.affine_tolerance)
+        geometry = loaded.volume.geometry
+        return Case(
+            case_id=case_id,
+            image=loaded.image(self.intensity),
+            label=loaded.label,
+            labelled=self._labelled(files),
+            spacing=geometry.spacing,
+            geometry=geometry,
+            modality=loaded.modality,
+            path=files.image,
+        )
+
+    @property
+    def _ignore_unknown(self) -> bool:
+        return False
+
+    def _labelled(self, files: CaseFiles) -> np.ndarray:
+        spec = self.label_spec
+        return np.array(spec.labelled if spec is not None else (False,) * NUM_CLASSES, dtype=bool)
+
+    def _checked(self, ids: Sequence[str], needs_label: bool, skip: bool) -> list[tuple[CaseFiles, int]]:
+        """Check cases from their headers; return (files, number of axial slices) for the good ones.
+
+        Raises:
+            DatasetError: for the first bad case, unless ``skip`` (then it is recorded in ``skipped_cases``).
+        """
+        good, bad = [], {}
+        for case_id in ids:
+            files = self.files[case_id]
+            try:
+                geometry = check_case(files, needs_label, self.affine_tolerance)
+            except DatasetError as error:
+                if not skip:
+                    raise
+                bad[case_id] = str(error)
+                continue
+            good.append((files, geometry.canonical_shape[2]))
+        self._record_skipped(bad)
+        return good
+
+    def _record_skipped(self, bad: dict[str, str]) -> None:
+        new = {k: v for k, v in bad.items() if k not in self.skipped_cases}
+        if new:
+            self.skipped_cases.update(new)
+            lines = "\n".join(f"  {k}: {v}" for k, v in new.items())
+            message = f"{self.name}: skipped {len(new)} bad case(s) (skip_bad_cases=True):\n{lines}"
+            log.warning(message)
+            warnings.warn(message, stacklevel=3)
+
+    def _dataset(
+        self, cases: list[tuple[CaseFiles, int]], augment: bool = False, foreground: np.ndarray | None = None
+    ) -> SliceDataset:
+        return SliceDataset(
+            name=self.name,
+            root=self.root_string,
+            cases=cases,
+            spec=self.label_spec,
+            labelled=np.stack([self._labelled(f) for f, _ in cases]) if cases else np.zeros((0, NUM_CLASSES), bool),
+            intensity=self.intensity,
+            resolutions=self.resolutions,
+            augment=augment,
+            foreground=foreground,
+            cache_cases=self.cache_cases,
+            ignore_unknown_labels=self._ignore_unknown,
+            affine_tolerance=self.affine_tolerance,
+        )
+
+    def _loader(self, dataset: SliceDataset, train: bool, seed: int = 0, empty_slice_ratio: float | None = None) -> DataLoader:
+        sampler = SliceBatchSampler(
+            None,
+            self.batch_size,
+            False,
+            case_of=dataset.case_of,
+            foreground=dataset.foreground,
+            resolutions=self.resolutions if train else self.resolutions[:1],
+            shuffle=train,
+            seed=seed,
+            empty_slice_ratio=empty_slice_ratio if train else None,
+            block_cases=self.cache_cases,
+            lanes=max(1, self.num_workers),
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _cases_of(self, split: str) -> list[str]:
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        dataset = self._datasets.get(split)
+        return [] if dataset is None else [f.case_id for f in dataset.files]
+
+
+class LabelledDataModule(MedSegDataModule):
+    """Base of the labelled datasets: discovery, seeded case-level splits, fractions, checks.
+
+    Args:
+        root: dataset folder; if None, ``$DELINEA_<NAME>_ROOT`` (e.g. ``DELINEA_BTCV_ROOT``), else
+            ``$DELINEA_DATA/<name>``.
+        resolution: slice size, or a list alternated between training batches.
+        batch_size: slices per batch.
+        num_workers: loader worker processes.
+        fraction: share of the training cases used, in (0, 1]; a seeded, nested subset, at least one case.
+        seed: seed of the split, the fraction and the training order.
+        augment: random training augmentation (crop, affine, elastic; no left-right flip).
+        empty_slice_ratio: share of training slices without foreground per epoch, in [0, 1); None keeps all.
+            Needs one pass over the training labels at setup.
+        split_file: JSON split to read, or to write if missing; default under ``$DELINEA_SPLIT_DIR`` or
+            ``~/.cache/delinea/splits`` (see :mod:`delinea.datamodules.splits`).
+        skip_bad_cases: skip cases with missing, unreadable or inconsistent files (warned, listed in
+            ``skipped_cases``) instead of raising.
+        ignore_unknown_labels: map label ids outside the dataset's table to background (warned) instead of
+            raising.
+        window: CT window in HU.
+        percentiles: MRI percentile window.
+        cache_cases: volumes kept per worker.
+        affine_tolerance: image/label affine tolerance in mm.
+    """
+
+    #: train:val:test ratios of a new split.
+    ratios: ClassVar[tuple[float, float, float]] = (0.8, 0.1, 0.1)
+    #: The expected layout, for error messages.
+    layout: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        resolution: int | list[int] = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        fraction: float = 1.0,
+        seed: int = 0,
+        augment: bool = False,
+        empty_slice_ratio: float | None = None,
+        split_file: str | None = None,
+        skip_bad_cases: bool = False,
+        ignore_unknown_labels: bool = False,
+        window: tuple[float, float] = (-175.0, 250.0),
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        cache_cases: int = 4,
+        affine_tolerance: float = 1e-3,
+    ) -> None:
+        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, affine_tolerance)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"{self.name}: fraction must be in (0, 1], got {fraction}")
+        if empty_slice_ratio is not None and not 0 <= empty_slice_ratio < 1:
+            raise ValueError(f"{self.name}: empty_slice_ratio must be in [0, 1) or None, got {empty_slice_ratio}")
+        self.root = self._resolve_root(root)
+        self.fraction = fraction
+        self.seed = seed
+        self.augment = augment
+        self.empty_slice_ratio = empty_slice_ratio
+        self.split_file = Path(split_file) if split_file else default_split_path(self.name, self.root, seed)
+        self.skip_bad_cases = skip_bad_cases
+        self.ignore_unknown_labels = ignore_unknown_labels
+        self._split: dict[str, list[str]] | None = None
+
+    @classmethod
+    def env_var(cls) -> str:
+        """The environment variable read when ``root`` is not given."""
+        return f"DELINEA_{cls.name.upper()}_ROOT"
+
+    def _resolve_root(self, root: str | None) -> Path:
+        if root is None:
+            root = os.environ.get(self.env_var())
+        if root is None and os.environ.get("DELINEA_DATA"):
+            root = str(Path(os.environ["DELINEA_DATA"]) / self.name)
+        if root is None:
+            raise DatasetError(
+                f"{self.name}: no root given; pass root=... or set {self.env_var()} (or DELINEA_DATA, "
+                f"holding a '{self.name}' folder). Expected layout: {self.layout}"
+            )
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise DatasetError(f"{self.name}: root {path} is not a folder. Expected layout: {self.layout}")
+        return path
+
+    @property
+    def root_string(self) -> str:
+        return str(self.root.resolve())
+
+    @property
+    def _ignore_unknown(self) -> bool:
+        return self.ignore_unknown_labels
+
+    def include(self, files: CaseFiles) -> bool:
+        """Whether a case takes part (modality or sequence filters); splits are made over all cases."""
+        return True
+
+    def _no_cases(self) -> DatasetError:
+        return DatasetError(f"{self.name}: no cases found in {self.root}. Expected layout: {self.layout}")
+
+    # -- splits --------------------------------------------------------------------------------------------
+    @property
+    def split(self) -> dict[str, list[str]]:
+        """The train/val/test case ids over all cases (read from ``split_file``, or made and written there)."""
+        if self._split is None:
+            if not self.files:
+                raise self._no_cases()
+            meta = {"dataset": self.name, "root": self.root_string}
+            self._split = load_or_create_split(self.split_file, list(self.files), self.ratios, self.seed, meta)
+        return self._split
+
+    def _split_ids(self, split: str) -> list[str]:
+        ids = [c for c in self.split[split] if self.include(self.files[c])]
+        return take_fraction(ids, self.fraction) if split == "train" and ids else ids
+
+    def prepare_data(self) -> None:
+        """Make the split file once per node (Lightning runs this on local rank 0 before ``setup``)."""
+        _ = self.split
+
+    def setup(self, stage: str) -> None:
+        """Build the slice datasets that ``stage`` needs, checking every case's headers."""
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        for split in wanted:
+            if split in self._datasets and split != "predict":
+                continue
+            cases = self._checked(self._split_ids(split), needs_label=True, skip=self.skip_bad_cases)
+            foreground = None
+            if split == "train" and self.empty_slice_ratio is not None:
+                cases, foreground = self._scan_foreground(cases)
+            self._datasets[split] = self._dataset(cases, augment=self.augment and split == "train", foreground=foreground)
+        if stage == "predict":
+            self._datasets["predict"] = self._datasets["test"]
+
+    def _scan_foreground(self, cases: list[tuple[CaseFiles, int]]) -> tuple[list[tuple[CaseFiles, int]], np.ndarray]:
+        """Read every training label once: per-slice foreground flags, and full label checks."""
+        spec = self.label_spec
+        assert spec is not None
+        good, flags, bad = [], [], {}
+        for files, n in cases:
+            try:
+                geometry = check_case(files, True, self.affine_tolerance)
+                label = read_label(files, spec, geometry, self.ignore_unknown_labels, self.affine_tolerance)
+            except DatasetError as error:
+                if not self.skip_bad_cases:
+                    raise
+                bad[files.case_id] = str(error)
+                continue
+            good.append((files, n))
+            flags.append(label.any(axis=(0, 1)))
+        self._record_skipped(bad)
+        return good, (np.concatenate(flags) if flags else np.zeros(0, bool))
+
+    # -- loaders -------------------------------------------------------------------------------------------
+    def _get(self, split: str) -> SliceDataset:
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[split])
+        dataset = self._datasets[split]
+        if len(dataset.files) == 0:
+            raise DatasetError(
+                f"{self.name}: the {split} split has no cases (split file {self.split_file}); "
+                "the dataset may be too small for this split or every case was filtered out"
+            )
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, case-blocked training slices at alternating resolutions."""
+        return self._loader(self._get("train"), train=True, seed=self.seed, empty_slice_ratio=self.empty_slice_ratio)
+
+    def val_dataloader(self) -> DataLoader:
+        """Every slice of the validation cases, case by case, slices ascending."""
+        return self._loader(self._get("val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Every slice of the test cases, case by case, slices ascending."""
+        return self._loader(self._get("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test slices (labelled datasets predict on their test split)."""
+        return self._loader(self._get("predict"), train=False)
+
+    def train_cases(self) -> list[str]:
+        """Training case ids (after fraction, filters and skipping)."""
+        return self._cases_of("train")
+
+    def val_cases(self) -> list[str]:
+        """Validation case ids in loader order."""
+        return self._cases_of("val")
+
+    def test_cases(self) -> list[str]:
+        """Test case ids in loader order."""
+        return self._cases_of("test")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, fraction={self.fraction}, seed={self.seed})"
+
+
+def pair_by_id(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    image_path: Callable[[str], Path],
+    label_path: Callable[[str], Path],
+) -> list[tuple[str, Path, Path]]:
+    """Pair image and label files by case id. A case with only one of the two gets the path the other should
+    have (which does not exist), so checking the case reports exactly which file is missing."""
+    return [
+        (case_id, images.get(case_id, image_path(case_id)), labels.get(case_id, label_path(case_id)))
+        for case_id in sorted(set(images) | set(labels))
+    ]
+
+
+def nifti_files(folder: Path, strip: str = "") -> dict[str, Path]:
+    """NIfTI files of ``folder`` by stem (with ``strip`` removed from the end of the stem, e.g. ``_0000``)."""
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_nifti(path) and not path.name.startswith("."):
+            stem = nifti_stem(path)
+            if strip and stem.endswith(strip):
+                stem = stem[: -len(strip)]
+            out[stem] = path
+    return out

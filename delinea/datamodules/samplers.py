@@ -1,0 +1,180 @@
+"""A batch sampler that picks the slices of each batch, the batch's resolution, and this rank's shard.
+
+Batches carry ``(sample_index, resolution)`` pairs, so one dataset serves several resolutions and every
+sample of a batch has the same size. The order is a function of ``(seed, epoch)`` only, so a resumed run
+sees the same batches.
+
+Distributed training: Lightning (``use_distributed_sampler=True``, the default) injects a
+``DistributedSampler`` as the ``sampler`` argument when it re-creates this batch sampler; only its
+``num_replicas`` and ``rank`` are used. ``num_replicas``/``rank`` can also be given directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+
+
+class SliceBatchSampler(BatchSampler):
+    """Batches of ``(index, resolution)`` over a slice index, case-blocked and seeded for training.
+
+    Training (``shuffle=True``), per epoch:
+
+    1. keep every slice, or with ``empty_slice_ratio`` every foreground slice plus a seeded draw of empty
+       slices so that they make up that share of the epoch;
+    2. shuffle cases, group them in blocks of ``block_cases`` and shuffle slices within each block, so that a
+       worker's small volume cache serves many slices per volume read;
+    3. give each rank a contiguous, equal-length shard (padded by wrapping around, as ``DistributedSampler``
+       does), split it into ``lanes`` contiguous runs, one per loader worker, and interleave their batches:
+       the DataLoader hands batch ``i`` to worker ``i % num_workers``, so each worker reads its own cases;
+    4. batch ``b`` of the epoch gets ``resolutions[(b + epoch) % len(resolutions)]``.
+
+    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending); ranks get
+    whole cases (``cases[rank::num_replicas]``) so per-case volumes can be stacked on one rank; the first
+    resolution.
+
+    Args:
+        sampler: ignored except to read ``num_replicas``/``rank`` from a ``DistributedSampler``; present so
+            Lightning can inject one.
+        batch_size: samples per batch.
+        drop_last: drop each lane's last incomplete batch (training only).
+        case_of: case number of each sample (N,), non-decreasing in index order.
+        foreground: whether each sample has foreground (N,); needed for ``empty_slice_ratio``.
+        resolutions: the resolutions to alternate between.
+        shuffle: training order (True) or evaluation order (False).
+        seed: seed of the order.
+        empty_slice_ratio: share of empty slices per training epoch, in [0, 1), or None for all slices.
+        block_cases: cases per shuffle block.
+        lanes: loader workers (1 for none).
+        num_replicas: number of ranks (default: from ``sampler`` or 1).
+        rank: this rank (default: from ``sampler`` or 0).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler | Iterable | None = None,
+        batch_size: int = 1,
+        drop_last: bool = False,
+        *,
+        case_of: np.ndarray,
+        foreground: np.ndarray | None = None,
+        resolutions: Sequence[int] = (256,),
+        shuffle: bool = False,
+        seed: int = 0,
+        empty_slice_ratio: float | None = None,
+        block_cases: int = 4,
+        lanes: int = 1,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        case_of = np.asarray(case_of)
+        super().__init__(sampler if sampler is not None else range(len(case_of)), batch_size, drop_last)
+        if isinstance(sampler, DistributedSampler):
+            num_replicas = sampler.num_replicas if num_replicas is None else num_replicas
+            rank = sampler.rank if rank is None else rank
+        self.num_replicas = 1 if num_replicas is None else int(num_replicas)
+        self.rank = 0 if rank is None else int(rank)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
+        if not resolutions:
+            raise ValueError("resolutions must not be empty")
+        if empty_slice_ratio is not None:
+            if not 0 <= empty_slice_ratio < 1:
+                raise ValueError(f"empty_slice_ratio must be in [0, 1), got {empty_slice_ratio}")
+            if foreground is None:
+                raise ValueError("empty_slice_ratio needs the foreground flag of every slice")
+        self.case_of = case_of
+        self.foreground = None if foreground is None else np.asarray(foreground, dtype=bool)
+        self.resolutions = [int(r) for r in resolutions]
+        self.shuffle = shuffle
+        self.seed = seed
+        self.empty_slice_ratio = empty_slice_ratio if shuffle else None
+        self.block_cases = max(1, int(block_cases))
+        self.lanes = max(1, int(lanes))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the order and the resolution phase (Lightning calls this)."""
+        self.epoch = int(epoch)
+
+    # ----------------------------------------------------------------------------------------------------
+    def _selected_count(self) -> int:
+        if self.empty_slice_ratio is None or self.foreground is None:
+            return len(self.case_of)
+        n_fg = int(self.foreground.sum())
+        n_empty = len(self.foreground) - n_fg
+        if n_fg == 0:
+            return n_empty
+        ratio = self.empty_slice_ratio
+        return n_fg + min(n_empty, round(ratio / (1 - ratio) * n_fg))
+
+    def _train_order(self) -> np.ndarray:
+        """This epoch's global order of sample indices (identical on every rank)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        selected = np.arange(len(self.case_of))
+        if self.empty_slice_ratio is not None and self.foreground is not None and self.foreground.any():
+            empty = np.flatnonzero(~self.foreground)
+            keep = self._selected_count() - int(self.foreground.sum())
+            chosen = rng.choice(empty, size=keep, replace=False) if keep else empty[:0]
+            selected = np.sort(np.concatenate([np.flatnonzero(self.foreground), chosen]))
+        # ``selected`` is sorted and case_of non-decreasing, so each case is one contiguous run.
+        _, starts = np.unique(self.case_of[selected], return_index=True)
+        groups = np.split(selected, starts[1:])
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+        order = []
+        for start in range(0, len(groups), self.block_cases):
+            block = np.concatenate(groups[start : start + self.block_cases])
+            order.append(block[rng.permutation(len(block))])
+        return np.concatenate(order) if order else selected
+
+    def _shard_length(self) -> int:
+        return -(-self._selected_count() // self.num_replicas)
+
+    def _lane_sizes(self) -> list[int]:
+        return [len(a) for a in np.array_split(np.arange(self._shard_length()), self.lanes)]
+
+    def _eval_indices(self) -> np.ndarray:
+        cases = np.unique(self.case_of)[self.rank :: self.num_replicas]
+        return np.flatnonzero(np.isin(self.case_of, cases))
+
+    def _batches(self) -> list[np.ndarray]:
+        if not self.shuffle:
+            indices = self._eval_indices()
+            return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = self._train_order()
+        length = self._shard_length()
+        if len(order) == 0:
+            return []
+        padded = np.resize(order, length * self.num_replicas)  # wraps around, like DistributedSampler
+        shard = padded[self.rank * length : (self.rank + 1) * length]
+        lanes = []
+        start = 0
+        for size in self._lane_sizes():
+            run = shard[start : start + size]
+            start += size
+            batches = [run[i : i + self.batch_size] for i in range(0, len(run), self.batch_size)]
+            if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+                batches.pop()
+            lanes.append(batches)
+        interleaved = []
+        for i in range(max((len(b) for b in lanes), default=0)):
+            interleaved.extend(batches[i] for batches in lanes if i < len(batches))
+        return interleaved
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self._batches()):
+            resolution = self.resolutions[(b + self.epoch) % len(self.resolutions)] if self.shuffle else self.resolutions[0]
+            yield [(int(i), resolution) for i in batch]
+
+    def __len__(self) -> int:
+        if not self.shuffle:
+            n = len(self._eval_indices())
+            return -(-n // self.batch_size)
+        if len(self.case_of) == 0:
+            return 0
+        sizes = self._lane_sizes()
+        if self.drop_last:
+            return sum(s // self.batch_size for s in sizes)
+        return sum(-(-s // self.batch_size) for s in sizes)

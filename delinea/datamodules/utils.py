@@ -1,0 +1,295 @@
+"""Per-case reading shared by every datamodule: file records, label mapping, intensity normalisation, resizing.
+
+Everything here runs in loader worker processes too, so it holds no dataset-wide state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from delinea.io import DatasetError, Geometry, Volume, read_geometry, read_volume
+from delinea.labels import NUM_CLASSES
+
+MODALITIES = ("ct", "mr")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How a dataset's label files map to the unified ids of :mod:`delinea.labels`.
+
+    Attributes:
+        table: source id -> unified id; source ids in ``known`` but not in ``table`` become background.
+        known: every source id the dataset may contain (0 included); any other value is an error.
+            None accepts any non-negative id.
+        binary: for single-organ datasets, the unified id that every voxel > 0 becomes (``table`` unused).
+        labelled: which unified classes the labels annotate, bool (9,).
+    """
+
+    table: dict[int, int] = field(default_factory=dict)
+    known: frozenset[int] | None = None
+    binary: int | None = None
+    labelled: tuple[bool, ...] = (True,) * NUM_CLASSES
+
+    def map(self, raw: np.ndarray, path: Path | str, ignore_unknown: bool = False) -> np.ndarray:
+        """Map a source label array to unified uint8 ids.
+
+        Raises:
+            DatasetError: ``raw`` holds negative or non-integer values, or ids outside ``known`` (unless
+                ``ignore_unknown``, which maps them to background with a warning).
+        """
+        raw = _integer_labels(raw, path)
+        if self.binary is not None:
+            return (raw > 0).astype(np.uint8) * np.uint8(self.binary)
+        top = int(raw.max(initial=0))
+        if self.known is not None:
+            is_known = np.zeros(top + 1, dtype=bool)
+            is_known[[i for i in self.known if i <= top]] = True
+            if not is_known[raw].all():  # LUT lookup: cheap on a whole CT label map, unlike np.unique
+                unknown = sorted(int(v) for v in np.unique(raw[~is_known[raw]]))
+                message = f"{path}: label ids {unknown} are not in this dataset's table (expected {sorted(self.known)})"
+                if not ignore_unknown:
+                    raise DatasetError(message + "; pass ignore_unknown_labels=True to map them to background")
+                warnings.warn(message + "; mapped to background", stacklevel=2)
+        lut = np.zeros(max(top, max(self.table, default=0)) + 1, dtype=np.uint8)
+        for source, unified in self.table.items():
+            lut[source] = unified
+        return lut[raw]
+
+
+def _integer_labels(raw: np.ndarray, path: Path | str) -> np.ndarray:
+    """Return an integer view/copy of a label array, or raise naming the file if it is not one."""
+    if raw.dtype.kind == "b":
+        return raw.astype(np.uint8)
+    if raw.dtype.kind == "f":
+        if raw.size and (not np.isfinite(raw).all() or not np.array_equal(raw, np.round(raw))):
+            raise DatasetError(f"{path}: label values must be integers, got non-integer floats")
+        raw = raw.astype(np.int32)
+    elif raw.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: label values must be integers, got dtype {raw.dtype}")
+    if raw.dtype.kind == "i" and raw.size and raw.min() < 0:
+        raise DatasetError(f"{path}: label values must be non-negative, got minimum {raw.min()}")
+    return raw
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case lives on disk. Small and picklable: the index holds one per case.
+
+    Attributes:
+        case_id: unique id within the dataset.
+        image: the image file or DICOM folder (may not exist: reported when the case is checked).
+        label: the label file, or None.
+        label_parts: per-organ binary mask files with the unified id each becomes (AbdomenAtlas
+            ``segmentations/``); used when ``label`` is None.
+        modality: ``'ct'``, ``'mr'`` or ``'auto'`` (CT if the volume holds values below -500, i.e. air in HU).
+    """
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+    label_parts: tuple[tuple[Path, int], ...] = ()
+    modality: str = "ct"
+
+    @property
+    def has_label(self) -> bool:
+        """Whether the case has any label file."""
+        return self.label is not None or bool(self.label_parts)
+
+    def label_paths(self) -> list[Path]:
+        """Every label file of the case."""
+        return [self.label] if self.label is not None else [p for p, _ in self.label_parts]
+
+    def stat_key(self) -> str:
+        """Sizes and modification times of the case's files: changes when the data on disk change."""
+        parts = []
+        for path in [self.image, *self.label_paths()]:
+            try:
+                stat = path.stat()
+                parts.append(f"{stat.st_size}-{stat.st_mtime_ns}")
+            except OSError:
+                parts.append("missing")
+        return "/".join(parts)
+
+
+def check_case(files: CaseFiles, needs_label: bool, atol: float = 1e-3) -> Geometry:
+    """Check a case from its headers: files present, 3D, label on the image's grid.
+
+    Args:
+        files: the case.
+        needs_label: whether a missing label is an error.
+        atol: tolerance in mm between the canonical image and label affines.
+
+    Returns:
+        The image geometry.
+
+    Raises:
+        DatasetError: naming the file and the problem.
+    """
+    if not files.image.exists():
+        raise DatasetError(f"case {files.case_id!r}: image {files.image} is missing")
+    geometry = read_geometry(files.image)
+    if needs_label and not files.has_label:
+        raise DatasetError(f"case {files.case_id!r}: no label file for image {files.image}")
+    for path in files.label_paths():
+        if not path.exists():
+            raise DatasetError(f"case {files.case_id!r}: label {path} is missing (image {files.image})")
+        label_geometry = read_geometry(path)
+        if label_geometry.canonical_shape != geometry.canonical_shape:
+            raise DatasetError(
+                f"{path}: label shape {label_geometry.original_shape} does not match image {files.image} "
+                f"shape {geometry.original_shape} (compared after reorienting both to RAS)"
+            )
+        if not geometry.same_grid(label_geometry, atol):
+            raise DatasetError(
+                f"{path}: label affine differs from image {files.image} affine by more than {atol} mm; "
+                f"label\n{label_geometry.original_affine.round(4)}\nimage\n{geometry.original_affine.round(4)}"
+            )
+    return geometry
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Intensity normalisation to [-1, 1]: CT through a HU window, MRI through per-volume percentiles.
+
+    Equivalent to MONAI's ``ScaleIntensityRange``/``ScaleIntensityRangePercentiles`` with ``b_min=-1,
+    b_max=1, clip=True``, split into a per-volume part (:meth:`bounds`) and a per-slice part (:meth:`apply`)
+    so that a worker can keep the stored volume and normalise only the slices it serves.
+    """
+
+    window: tuple[float, float] = (-175.0, 250.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def bounds(self, volume: Volume, modality: str) -> tuple[float, float]:
+        """The value range ``(low, high)`` mapped to [-1, 1] for this volume."""
+        if modality == "ct":
+            return float(self.window[0]), float(self.window[1])
+        if volume.array.size == 0:
+            return 0.0, 1.0
+        low, high = (float(v) for v in np.percentile(volume.array, self.percentiles))
+        low, high = low * volume.slope + volume.intercept, high * volume.slope + volume.intercept
+        low, high = min(low, high), max(low, high)
+        return low, high if high > low else low + 1.0
+
+    @staticmethod
+    def apply(values: np.ndarray, bounds: tuple[float, float], slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+        """Scale stored values (``values * slope + intercept``) so that ``bounds`` map to [-1, 1], clipped."""
+        low, high = bounds
+        scale = 2.0 * slope / (high - low)
+        offset = 2.0 * (intercept - low) / (high - low) - 1.0
+        out = values.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        return np.clip(out, -1.0, 1.0, out=out)
+
+    def key(self, modality: str) -> str:
+        """A short string naming the normalisation, for cache keys."""
+        if modality == "ct":
+            return f"ct{self.window[0]:g},{self.window[1]:g}"
+        return f"mr{self.percentiles[0]:g},{self.percentiles[1]:g}"
+
+
+def detect_modality(volume: Volume) -> str:
+    """CT if the volume holds values below -500 (air in HU); MRI intensities are non-negative."""
+    low = float(volume.array.min()) * volume.slope + volume.intercept if volume.array.size else 0.0
+    if volume.slope < 0:
+        low = float(volume.array.max()) * volume.slope + volume.intercept
+    return "ct" if low < -500 else "mr"
+
+
+@dataclass(eq=False)
+class LoadedCase:
+    """A case as a worker keeps it: the stored canonical image plus its normalisation, the unified label."""
+
+    files: CaseFiles
+    volume: Volume
+    modality: str
+    bounds: tuple[float, float]
+    label: np.ndarray | None
+
+    def image_slice(self, k: int, intensity: Intensity) -> np.ndarray:
+        """Normalised axial slice ``k`` (X, Y) float32 in [-1, 1]."""
+        return intensity.apply(self.volume.array[:, :, k], self.bounds, self.volume.slope, self.volume.intercept)
+
+    def image(self, intensity: Intensity) -> np.ndarray:
+        """The whole normalised canonical image (X, Y, Z) float32."""
+        return intensity.apply(self.volume.array, self.bounds, self.volume.slope, self.volume.intercept)
+
+
+def read_label(files: CaseFiles, spec: LabelSpec, geometry: Geometry, ignore_unknown: bool = False, atol: float = 1e-3) -> np.ndarray:
+    """Read a case's label file(s) as a canonical unified uint8 map on the image grid ``geometry``.
+
+    Raises:
+        DatasetError: a missing, corrupt or misaligned label file, or unknown label ids.
+    """
+    label = np.zeros(geometry.canonical_shape, dtype=np.uint8)
+    parts = [(files.label, None)] if files.label is not None else list(files.label_parts)
+    for path, unified in parts:
+        part = read_volume(path)
+        if not geometry.same_grid(part.geometry, atol):
+            raise DatasetError(
+                f"{path}: label grid (shape {part.geometry.original_shape}) does not match image {files.image} "
+                f"(shape {geometry.original_shape}) within {atol} mm"
+            )
+        raw = part.values(np.float32) if (part.slope, part.intercept) != (1.0, 0.0) else np.asarray(part.array)
+        if unified is None:
+            label = spec.map(raw, path, ignore_unknown)
+        else:  # per-organ masks: later organs win where masks overlap
+            label[_integer_labels(raw, path) > 0] = unified
+    return label
+
+
+def load_case_files(
+    files: CaseFiles,
+    spec: LabelSpec | None,
+    intensity: Intensity,
+    ignore_unknown: bool = False,
+    atol: float = 1e-3,
+) -> LoadedCase:
+    """Read a case's image and (if ``spec`` is given) its label, canonical and mapped to unified ids.
+
+    Raises:
+        DatasetError: missing, corrupt or inconsistent files, unknown label ids.
+    """
+    volume = read_volume(files.image)
+    modality = detect_modality(volume) if files.modality == "auto" else files.modality
+    if modality not in MODALITIES:
+        raise DatasetError(f"case {files.case_id!r}: modality {modality!r}, expected one of {MODALITIES} or 'auto'")
+    label = None
+    if spec is not None and files.has_label:
+        label = read_label(files, spec, volume.geometry, ignore_unknown, atol)
+    return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), label)
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (C, H, W) to (C, size, size); antialiased so 512 -> 256 averages instead of aliasing."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resize_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer mask (..., H, W) to ``size``; 'nearest-exact' is symmetric."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(mask.shape[-2:]) == size:
+        return mask
+    lead = mask.shape[:-2]
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    out = F.interpolate(flat, size=size, mode="nearest-exact")
+    return out.reshape(*lead, *size).to(mask.dtype)
+
+
+def slices_to_volume(slices: torch.Tensor | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Stack per-slice integer predictions (Z, H, W) back into a canonical volume (X, Y, Z) of ``shape``.
+
+    The inverse of how the loaders cut slices: slice ``k`` is canonical ``[:, :, k]`` resized to (H, W);
+    predictions are resized back with the same nearest-neighbour rule.
+    """
+    slices = torch.as_tensor(np.asarray(slices))
+    if slices.ndim != 3 or slices.shape[0] != shape[2]:
+        raise ValueError(f"expected (Z={shape[2]}, H, W) slices, got shape {tuple(slices.shape)}")
+    volume = resize_mask(slices, (shape[0], shape[1]))  # (Z, X, Y)
+    return volume.permute(1, 2, 0).contiguous().numpy()

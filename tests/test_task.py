@@ -1,0 +1,184 @@
+"""The MedDelinea task: what trains and what stays frozen, learning, checkpoints, fine-tuning init, latent cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from delinea.models import save_dit, save_vae
+from delinea.tasks import MedDelineaTask
+from synthetic_slices import SliceDataset, make_batch
+
+TINY = {"dit": "DiT-tiny/2", "vae": "tiny", "image_size": 32, "control_blocks": 2}
+
+
+def trainer(tmp_path: Path, steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def loader(n: int = 8, seed: int = 0) -> DataLoader:
+    return DataLoader(SliceDataset(n, 32, seed), batch_size=4)
+
+
+class EvalModeProbe(pl.Callback):
+    """Records, at every training batch, whether any frozen module is in train mode."""
+
+    def __init__(self) -> None:
+        self.frozen_training: list[bool] = []
+        self.control_training: list[bool] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, task: MedDelineaTask, *args: object) -> None:
+        frozen = [m for f in task.model.frozen_modules() for m in f.modules()]
+        self.frozen_training.append(any(m.training for m in frozen))
+        self.control_training.append(task.model.control.training)
+
+
+def test_exactly_the_trainable_parameters_change(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = MedDelineaTask(**_backbone_files(tmp_path), lr=1e-3, seg_max_timestep=1000)
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    probe = EvalModeProbe()
+    # Validation runs in between, so Lightning's train/eval switching is exercised too.
+    trainer(tmp_path, 4, callbacks=[probe], val_check_interval=2, num_sanity_val_steps=1).fit(
+        task, loader(), loader(4, 1))
+    after = task.state_dict()
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.control.", "model.vae.head.")) for n in trainable)
+    assert any(n.startswith("model.vae.head.") for n in trainable)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Every trainable tensor moved except the zero conv's: it gets gradient only once the zero Linears
+    # and the image path's patch weights have moved, which takes a few steps.
+    assert changed <= trainable
+    assert trainable - changed <= {"model.control.zero_conv.weight", "model.control.zero_conv.bias"}
+    assert probe.frozen_training and not any(probe.frozen_training)
+    assert all(probe.control_training)
+
+
+def test_head_frozen_ablation_and_counts() -> None:
+    task = MedDelineaTask(**TINY, train_head=False)
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.vae.head.") for n in trainable)
+    control = sum(p.numel() for p in task.model.control.parameters())
+    assert sum(p.numel() for p in task.parameters() if p.requires_grad) == control
+
+
+def _decoded_dice(task: MedDelineaTask, batch: dict, organ: int) -> float:
+    """Dice of the masks decoded from one-step Tweedie estimates at a small t (fixed noise)."""
+    task.eval()
+    with torch.no_grad():
+        image_latent = task.model.vae.encode(batch["image"])
+        mask_latent = task.model.vae.encode_mask(batch["mask"])
+        t = torch.full((len(image_latent),), 50)
+        noisy = task.model.add_noise(mask_latent, torch.randn(mask_latent.shape, generator=torch.Generator().manual_seed(0)), t)
+        latent0 = task.model.tweedie(noisy, task.model.predict_noise(noisy, t, image_latent), t)
+        pred = task.model.vae.decode_logits(latent0).argmax(1) == organ
+    truth = batch["mask"] == organ
+    return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+
+
+def test_short_run_lowers_loss_and_raises_dice() -> None:
+    torch.manual_seed(0)
+    task = MedDelineaTask(**TINY, lr=1e-3, seg_max_timestep=500)
+    train, held_out = make_batch(16, 32, 0), make_batch(8, 32, 1)
+    dice_before = _decoded_dice(task, held_out, organ=5)
+    task.train()
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(120):
+        total = task.losses(train)
+        optimizer.zero_grad()
+        total["loss"].backward()
+        optimizer.step()
+        losses.append(float(total["loss"]))
+    dice_after = _decoded_dice(task, held_out, organ=5)
+    assert sum(losses[-10:]) / 10 < 0.97 * sum(losses[:10]) / 10
+    assert dice_before < 0.02 and dice_after > dice_before + 0.05, (dice_before, dice_after)
+
+
+def _backbone_files(tmp_path: Path) -> dict:
+    from delinea.models import build_dit, build_vae
+
+    torch.manual_seed(3)
+    dit = build_dit("DiT-tiny/2", sample_size=16)
+    with torch.no_grad():  # like a pretrained DiT: no zero adaLN gates, so every block weight gets gradient
+        for p in dit.parameters():
+            p.normal_(0, 0.05)
+    save_dit(dit, tmp_path / "dit")
+    save_vae(build_vae("tiny"), tmp_path / "vae")
+    return {**TINY, "dit": str(tmp_path / "dit"), "vae": str(tmp_path / "vae")}
+
+
+def test_checkpoint_leaves_out_frozen_weights_loaded_from_files(tmp_path: Path) -> None:
+    config = _backbone_files(tmp_path)
+    task = MedDelineaTask(**config, lr=1e-3)
+    run = trainer(tmp_path, 2)
+    run.fit(task, loader())
+    run.save_checkpoint(tmp_path / "lean.ckpt")
+    state = torch.load(tmp_path / "lean.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith(("model.dit.", "model.vae.vae.")) for k in state)
+    assert any(k.startswith("model.control.") for k in state)
+    restored = MedDelineaTask.load_from_checkpoint(tmp_path / "lean.ckpt")
+    for key, value in task.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    # Other backbones behind the same path: refused, not silently mixed.
+    save_dit(__import__("delinea.models", fromlist=["build_dit"]).build_dit("DiT-tiny/2", sample_size=16),
+             tmp_path / "dit")
+    with pytest.raises(ValueError, match="other frozen backbones"):
+        MedDelineaTask.load_from_checkpoint(tmp_path / "lean.ckpt")
+
+
+def test_preset_backbones_are_kept_in_checkpoints(tmp_path: Path) -> None:
+    task = MedDelineaTask(**TINY)
+    run = trainer(tmp_path, 1)
+    run.fit(task, loader(4))
+    run.save_checkpoint(tmp_path / "full.ckpt")
+    restored = MedDelineaTask.load_from_checkpoint(tmp_path / "full.ckpt")
+    assert torch.equal(restored.model.dit.proj_out_1.weight, task.model.dit.proj_out_1.weight)
+    assert torch.equal(restored.model.vae.vae.encoder.conv_in.weight, task.model.vae.vae.encoder.conv_in.weight)
+
+
+def test_init_from_copies_control_branch_and_head(tmp_path: Path) -> None:
+    config = _backbone_files(tmp_path)
+    task = MedDelineaTask(**config, lr=1e-3)
+    run = trainer(tmp_path, 3)
+    run.fit(task, loader())
+    run.save_checkpoint(tmp_path / "pretrained.ckpt")
+    finetune = MedDelineaTask(**config, init_from=str(tmp_path / "pretrained.ckpt"))
+    for key, value in task.state_dict().items():
+        if key.startswith(("model.control.", "model.vae.head.")):
+            assert torch.equal(finetune.state_dict()[key], value), key
+    fresh = MedDelineaTask(**config)
+    assert not torch.equal(fresh.model.control.zero_linears[0].weight, finetune.model.control.zero_linears[0].weight)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        MedDelineaTask(**{**config, "control_blocks": 3}, init_from=str(tmp_path / "pretrained.ckpt"))
+    with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt'"):
+        MedDelineaTask(**config, init_from="missing.ckpt")
+
+
+def test_latent_cache_returns_what_the_encoder_gives(tmp_path: Path) -> None:
+    task = MedDelineaTask(**TINY, latent_cache=str(tmp_path / "cache"))
+    batch = make_batch(4, 32, 0)
+    batch["cache_key"][3] = ""  # an augmented slice: never cached
+    first = task.latents(batch)
+    second = task.latents(batch)
+    assert task.latent_cache.misses == 4 + 1 and task.latent_cache.hits == 3
+    with torch.no_grad():
+        direct = (task.model.vae.encode(batch["image"]), task.model.vae.encode_mask(batch["mask"]))
+    for a, b, c in zip(first, second, direct):
+        assert torch.allclose(a, c, atol=1e-6) and torch.allclose(b, c, atol=1e-6)
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 3 and files[0].parent.parent.name == task.vae_fingerprint()
+
+
+def test_bad_task_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
+        MedDelineaTask(**TINY, sampler="fast")
+    with pytest.raises(FileNotFoundError, match="dit='no/such/dit' is neither a preset nor an existing path"):
+        MedDelineaTask(**{**TINY, "dit": "no/such/dit"})
+    with pytest.raises(ValueError, match="control_blocks K=9"):
+        MedDelineaTask(**{**TINY, "control_blocks": 9})
