@@ -459,6 +459,8 @@ class LabelledDataModule(MedSegDataModule):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, fraction={self.fraction}, seed={self.seed})"
 
+    __str__ = __repr__  # LightningDataModule's __str__ builds every dataloader
+
 
 def pair_by_id(
     images: dict[str, Path],

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from delinea.datamodules.transforms import augmentation
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files, resize_image, resize_mask
+from delinea.labels import NUM_CLASSES
 
 
 class SliceDataset(Dataset):
@@ -62,7 +63,7 @@ class SliceDataset(Dataset):
         self.case_of = np.repeat(np.arange(len(cases), dtype=np.int32), counts)
         self.slice_of = np.concatenate([np.arange(n, dtype=np.int32) for n in counts]) if len(cases) else np.zeros(0, np.int32)
         self.spec = spec
-        self.labelled = torch.as_tensor(np.asarray(labelled, dtype=bool).reshape(len(cases), -1))
+        self.labelled = torch.as_tensor(np.asarray(labelled, dtype=bool).reshape(len(cases), NUM_CLASSES))
         self.intensity = intensity
         self.resolutions = [int(r) for r in resolutions]
         self.augment = augment

@@ -114,6 +114,8 @@ def make_phantom(
     extra[:, :, 0] = extra[:, :, -1] = False
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = rng.uniform(-50, 50, 3)
+    if modality == "ct":
+        image = np.maximum(image, -1024.0)  # scanners store nothing below -1024 HU
     return Phantom(image.astype(np.float32), label, extra, affine, orientation, modality)
 
 
