@@ -79,26 +79,67 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+Box = tuple[slice, ...]
+Method = Literal["kdtree", "edt"]
+
+
+def _bbox(mask: np.ndarray) -> Box | None:
     """Bounding box of the non-zero voxels, or None when empty."""
     boxes = ndimage.find_objects(mask.astype(np.uint8, copy=False), max_label=1)
     return boxes[0] if boxes else None
 
 
-def _union_crop(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None, shape: Sequence[int]) -> tuple[slice, ...]:
-    """Union of two bounding boxes grown by a 1-voxel margin (clipped to the volume).
+def _grow(box: Box | None, shape: Sequence[int]) -> Box | None:
+    """A bounding box grown by a 1-voxel margin, clipped to the volume.
 
-    Cropping is exact: both surfaces lie inside the box, Euclidean distances between them do not depend on
-    the domain, and erosion treats the volume border as background just like the zero margin.
+    Cropping is exact: a mask's surface lies inside its box, erosion counts the volume border as background
+    just like the zero margin, and Euclidean distances between surface voxels do not depend on the domain.
     """
-    boxes = [x for x in (a, b) if x is not None]
-    return tuple(
-        slice(max(min(bx[d].start for bx in boxes) - 1, 0), min(max(bx[d].stop for bx in boxes) + 1, shape[d]))
-        for d in range(len(shape))
-    )
+    if box is None:
+        return None
+    return tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape))
 
 
-Method = Literal["kdtree", "edt"]
+def _union(a: Box, b: Box) -> Box:
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _intersection(a: Box, b: Box) -> Box | None:
+    box = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return box if all(s.start < s.stop for s in box) else None
+
+
+def _pair_distances(
+    p: np.ndarray, box_p: Box, g: np.ndarray, box_g: Box, sp: np.ndarray, method: Method
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances of two non-empty masks, each given cropped to its own (grown) box.
+
+    Each surface is found inside its own mask's box, so a far false positive only enlarges the
+    prediction's box, not the ground truth's.
+    """
+    surf_p, surf_g = surface(p), surface(g)
+    if method == "kdtree":
+        # voxel centres in mm, in the volume's frame
+        xyz_p = (np.argwhere(surf_p) + [s.start for s in box_p]) * sp
+        xyz_g = (np.argwhere(surf_g) + [s.start for s in box_g]) * sp
+        # leafsize 32: one batched query per tree, so a cheaper build beats a deeper tree (MONAI's choice too)
+        d_pg = KDTree(xyz_g, leafsize=32).query(xyz_p, k=1)[0]
+        d_gp = KDTree(xyz_p, leafsize=32).query(xyz_g, k=1)[0]
+    elif method == "edt":
+        # both surfaces in the union box; EDT of the complement of one surface = distance to its nearest
+        # voxel, read at the other surface (medpy's way)
+        union = _union(box_p, box_g)
+        placed = []
+        for surf, box in ((surf_p, box_p), (surf_g, box_g)):
+            full = np.zeros([s.stop - s.start for s in union], dtype=bool)
+            full[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))] = surf
+            placed.append(full)
+        up, ug = placed
+        d_pg = ndimage.distance_transform_edt(~ug, sampling=sp)[up]
+        d_gp = ndimage.distance_transform_edt(~up, sampling=sp)[ug]
+    else:
+        raise ValueError(f"method must be 'kdtree' or 'edt', got {method!r}")
+    return np.asarray(d_pg, dtype=np.float64), np.asarray(d_gp, dtype=np.float64)
 
 
 def surface_distances(
@@ -110,9 +151,9 @@ def surface_distances(
         pred: predicted binary mask (any dimensionality).
         gt: ground-truth binary mask, same shape.
         spacing: voxel size in mm, in the array's axis order.
-        crop: restrict the work to the bounding box of ``pred | gt`` plus one voxel; gives the same numbers.
+        crop: find each surface inside its mask's bounding box plus one voxel; gives the same numbers.
         method: ``"kdtree"`` (nearest neighbour among surface-voxel coordinates in mm) or ``"edt"`` (distance
-            transform of the complement of the other surface); both exact.
+            transform of the complement of the other surface over the union box); both exact.
 
     Returns:
         ``(d_pred_to_gt, d_gt_to_pred)``, one float64 distance per surface voxel of P and of G.
@@ -124,27 +165,13 @@ def surface_distances(
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt must have the same shape, got {pred.shape} and {gt.shape}")
     sp = _check_spacing(spacing, pred.ndim)
-    if crop:
-        box_p, box_g = _bbox(pred), _bbox(gt)
-        if box_p is None or box_g is None:
-            raise ValueError("surface distances are undefined for an empty mask")
-        box = _union_crop(box_p, box_g, pred.shape)
-        pred, gt = pred[box], gt[box]
-    elif not (pred.any() and gt.any()):
+    if not (pred.any() and gt.any()):
         raise ValueError("surface distances are undefined for an empty mask")
-    surf_p, surf_g = surface(pred), surface(gt)
-    if method == "edt":
-        # EDT of the complement of one surface = distance to its nearest surface voxel, read at the other one.
-        d_pg = ndimage.distance_transform_edt(~surf_g, sampling=sp)[surf_p]
-        d_gp = ndimage.distance_transform_edt(~surf_p, sampling=sp)[surf_g]
-    elif method == "kdtree":
-        xyz_p, xyz_g = np.argwhere(surf_p) * sp, np.argwhere(surf_g) * sp  # voxel centres in mm
-        # leafsize 32: one batched query per tree, so a cheaper build beats a deeper tree (MONAI's choice too)
-        d_pg = KDTree(xyz_g, leafsize=32).query(xyz_p, k=1)[0]
-        d_gp = KDTree(xyz_p, leafsize=32).query(xyz_g, k=1)[0]
-    else:
-        raise ValueError(f"method must be 'kdtree' or 'edt', got {method!r}")
-    return np.asarray(d_pg, dtype=np.float64), np.asarray(d_gp, dtype=np.float64)
+    full = tuple(slice(0, n) for n in pred.shape)
+    box_p = _grow(_bbox(pred), pred.shape) if crop else full
+    box_g = _grow(_bbox(gt), gt.shape) if crop else full
+    assert box_p is not None and box_g is not None
+    return _pair_distances(pred[box_p], box_p, gt[box_g], box_g, sp, method)
 
 
 def hd95(d_pg: np.ndarray, d_gp: np.ndarray) -> float:
@@ -184,7 +211,8 @@ def case_metrics(
         labelled: bool per class (length ``NUM_CLASSES``, e.g. ``delinea.labels.only_labelled("liver")``, a
             tensor is fine); organs that are False get status ``"unlabelled"`` and are not evaluated.
             None means every organ is labelled.
-        crop: work inside each organ's bounding box of ``pred | gt`` (plus one voxel); same numbers, faster.
+        crop: work inside each organ's bounding boxes in ``pred`` and ``gt`` (plus one voxel); same numbers,
+            faster.
         penalty: HD95/ASSD in mm when exactly one mask is empty; default :func:`empty_penalty` (the diagonal
             of the volume's physical extent).
         method: surface-distance method, see :func:`surface_distances`.
@@ -211,10 +239,12 @@ def case_metrics(
             raise ValueError(f"labelled must have {NUM_CLASSES} entries (one per class), got {lab.size}")
     pen = empty_penalty(pred.shape, sp) if penalty is None else float(penalty)
 
-    # One pass per volume gives every organ's bounding box, so nothing below touches the whole volume again.
-    boxes_p = ndimage.find_objects(pred, max_label=NUM_CLASSES - 1) if crop else [None] * (NUM_CLASSES - 1)
-    boxes_g = ndimage.find_objects(gt, max_label=NUM_CLASSES - 1) if crop else [None] * (NUM_CLASSES - 1)
-    full = tuple(slice(0, n) for n in pred.shape)
+    # One pass per volume gives every organ's bounding box; below, each organ touches only its own boxes.
+    if crop:
+        boxes_p = [_grow(b, pred.shape) for b in ndimage.find_objects(pred, max_label=NUM_CLASSES - 1)]
+        boxes_g = [_grow(b, gt.shape) for b in ndimage.find_objects(gt, max_label=NUM_CLASSES - 1)]
+    else:
+        boxes_p = boxes_g = [tuple(slice(0, n) for n in pred.shape)] * (NUM_CLASSES - 1)
 
     out: dict[str, OrganMetrics] = {}
     for c in range(1, NUM_CLASSES):
@@ -222,22 +252,20 @@ def case_metrics(
         if not lab[c]:
             out[organ] = _nan_metrics("unlabelled")
             continue
-        if crop:
-            bp, bg = boxes_p[c - 1], boxes_g[c - 1]
-            if bp is None and bg is None:
-                out[organ] = _nan_metrics("both_empty")
-                continue
-            box = _union_crop(bp, bg, pred.shape)
-        else:
-            box = full
-        p, g = pred[box] == c, gt[box] == c
-        n_p, n_g = int(np.count_nonzero(p)), int(np.count_nonzero(g))
+        bp, bg = boxes_p[c - 1], boxes_g[c - 1]
+        p = None if bp is None else pred[bp] == c
+        g = None if bg is None else gt[bg] == c
+        n_p = 0 if p is None else int(np.count_nonzero(p))
+        n_g = 0 if g is None else int(np.count_nonzero(g))
         if n_p == 0 and n_g == 0:
             out[organ] = _nan_metrics("both_empty")
         elif n_p == 0 or n_g == 0:
             out[organ] = OrganMetrics(dice=0.0, hd95=pen, assd=pen, status="pred_empty" if n_p == 0 else "gt_empty")
         else:
-            dice = 2.0 * np.count_nonzero(p & g) / (n_p + n_g)
-            d_pg, d_gp = surface_distances(p, g, sp, crop=False, method=method)  # already cropped
-            out[organ] = OrganMetrics(dice=float(dice), hd95=hd95(d_pg, d_gp), assd=assd(d_pg, d_gp), status="ok")
+            assert p is not None and g is not None and bp is not None and bg is not None
+            overlap = _intersection(bp, bg)
+            tp = 0 if overlap is None else int(np.count_nonzero((pred[overlap] == c) & (gt[overlap] == c)))
+            d_pg, d_gp = _pair_distances(p, bp, g, bg, sp, method)
+            dice = 2.0 * tp / (n_p + n_g)
+            out[organ] = OrganMetrics(dice=dice, hd95=hd95(d_pg, d_gp), assd=assd(d_pg, d_gp), status="ok")
     return out

@@ -92,7 +92,7 @@ def summarize(rows: Iterable[Row]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"unknown status {sorted(unknown)} for organ {organ!r}; expected one of {STATUSES}")
         used = [r for r in mine if r["status"] in EVALUATED]
-        entry: dict[str, Any] = {m: _mean([float(r[m]) for r in used]) for m in METRICS}  # type: ignore[literal-required]
+        entry: dict[str, Any] = {m: _mean([float(r[m]) for r in used]) for m in METRICS}  # type: ignore
         entry["n"] = len(used)
         for status in ("pred_empty", "gt_empty", "both_empty", "unlabelled"):
             entry[status] = sum(r["status"] == status for r in mine)
@@ -169,7 +169,8 @@ def write_per_case_csv(rows: Iterable[Row], path: str | Path, overwrite: bool = 
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (repr(float(row[k])) if k in METRICS else row[k]) for k in CSV_COLUMNS})  # type: ignore[literal-required]
+            # repr keeps full precision and writes NaN as "nan"
+            writer.writerow({k: (repr(float(row[k])) if k in METRICS else row[k]) for k in CSV_COLUMNS})  # type: ignore
     return path
 
 
@@ -248,7 +249,8 @@ def save_overlays(
     """Save one PNG (``<path_prefix>.png``): a row per axial slice, columns image / ground truth / prediction.
 
     Slices are along the last axis (Z): the foreground's z-range in ``gt`` (``pred`` when ``gt`` is None) is
-    cut into ``n_slices`` parts and each part's slice with the most foreground is shown, in slice order. Label colours are the unified palette of ``delinea.labels``.
+    cut into ``n_slices`` parts and each part's slice with the most foreground is shown, in slice order.
+    Label colours are the unified palette of ``delinea.labels``.
     Orientation: arrays are assumed RAS+ (nibabel's canonical, as the loaders produce); slices are drawn
     anterior up and, by default, in radiological convention (patient's right on the viewer's left).
 
@@ -283,10 +285,9 @@ def save_overlays(
     ref = pred if gt is None else np.asarray(gt)
     slices = _pick_slices((ref > 0).sum(axis=(0, 1)), n_slices)
 
-    panels = [("image", None), ("ground truth", gt), ("prediction", pred)] if gt is not None else [
-        ("image", None),
-        ("prediction", pred),
-    ]
+    panels: list[tuple[str, np.ndarray | None]] = [("image", None), ("ground truth", gt), ("prediction", pred)]
+    if gt is None:
+        del panels[1]
     vmin, vmax = np.percentile(image, [0.5, 99.5])
     aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
     fig, axes = plt.subplots(len(slices), len(panels), figsize=(3 * len(panels), 3 * len(slices)), squeeze=False)
@@ -306,7 +307,10 @@ def save_overlays(
     if present:
         colours = ((PALETTE.numpy() + 1.0) / 2.0).clip(0, 1)
         handles = [Patch(color=colours[c], label=FOREGROUND[c - 1]) for c in sorted(present) if c <= len(FOREGROUND)]
-        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False, labelcolor="white")
+        fig.legend(
+            handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7,
+            frameon=False, labelcolor="white",
+        )  # fmt: skip
     fig.tight_layout(rect=(0, 0.06 if present else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, facecolor=fig.get_facecolor())

@@ -27,7 +27,6 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 DIT_PRESETS: tuple[str, ...] = tuple(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8))
-NULL_CLASS = 1000  # the DiT's unconditional label: row 1000 of the 1001-row label table
 
 
 def build_dit(
@@ -177,9 +176,12 @@ def load_dit(path: str | Path) -> DiTTransformer2DModel:
     return match_original_dit(dit)
 
 
-def save_dit(dit: DiTTransformer2DModel, folder: str | Path) -> None:
-    """Write a DiT as a diffusers folder (config.json + safetensors) that :func:`load_dit` reads."""
-    dit.save_pretrained(str(folder), safe_serialization=True)
+def save_dit(dit: DiTTransformer2DModel, folder: str | Path, max_shard_size: str = "4MB") -> None:
+    """Write a DiT as a diffusers folder (config.json + safetensors shards) that :func:`load_dit` reads.
+
+    Small shards keep every file of weights shipped in the repository under 5 MB.
+    """
+    dit.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

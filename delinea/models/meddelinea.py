@@ -11,7 +11,6 @@ from torch import nn
 from delinea.labels import NUM_CLASSES
 from delinea.models import dit as dit_ops
 from delinea.models.control import ControlDiT
-from delinea.models.dit import NULL_CLASS
 from delinea.models.sampling import make_sampler, training_scheduler
 from delinea.models.vae import MaskVAE
 
@@ -23,16 +22,18 @@ class MedDelinea(nn.Module):
         dit: the base DiT (frozen).
         vae: the autoencoder with its class head.
         control_blocks: K, how many base blocks the Control DiT copies (the paper uses 15 of 28).
-        class_label: the DiT class label every sample is given; 1000 is DiT's null (unconditional) class.
+        class_label: the DiT class label every sample is given; None is the DiT's null (unconditional) class,
+            the last row of its label table (1000 for the released DiTs).
     """
 
     def __init__(self, dit: DiTTransformer2DModel, vae: MaskVAE, control_blocks: int = 15,
-                 class_label: int = NULL_CLASS) -> None:
+                 class_label: int | None = None) -> None:
         super().__init__()
         if dit.config.in_channels != vae.latent_channels:
             raise ValueError(f"the DiT takes {dit.config.in_channels} latent channels but the VAE makes "
                              f"{vae.latent_channels}")
         rows = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        class_label = rows - 1 if class_label is None else class_label
         if not 0 <= class_label < rows:
             raise ValueError(f"class_label {class_label} is outside the DiT's label table [0, {rows - 1}]")
         self.dit = dit

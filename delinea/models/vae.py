@@ -57,9 +57,9 @@ def load_vae(path: str | Path) -> AutoencoderKL:
     return vae
 
 
-def save_vae(vae: AutoencoderKL, folder: str | Path) -> None:
-    """Write a VAE as a diffusers folder (config.json + safetensors) that :func:`load_vae` reads."""
-    vae.save_pretrained(str(folder), safe_serialization=True)
+def save_vae(vae: AutoencoderKL, folder: str | Path, max_shard_size: str = "4MB") -> None:
+    """Write a VAE as a diffusers folder (config.json + safetensors shards) that :func:`load_vae` reads."""
+    vae.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
 
 
 class MaskVAE(nn.Module):

@@ -12,7 +12,7 @@ from monai.losses import DiceLoss
 
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
-from delinea.models.dit import DIT_PRESETS, NULL_CLASS
+from delinea.models.dit import DIT_PRESETS
 from delinea.models.sampling import make_sampler
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask
@@ -31,7 +31,7 @@ class MedDelineaTask(SegmentationTask):
         vae: a VAE preset (``sd``, ``small``, ``tiny``) or a local diffusers ``AutoencoderKL`` folder.
         image_size: slice size the presets' positional embedding is laid out for (other sizes interpolate).
         control_blocks: K, base blocks copied into the Control DiT (paper: 15).
-        class_label: DiT class label given to every sample (1000 = null class).
+        class_label: DiT class label given to every sample; None is the DiT's null class (1000 for DiT-XL/2).
         lr: AdamW learning rate (paper: 2e-5).
         weight_decay: AdamW weight decay.
         lr_schedule: ``cosine`` or ``linear`` decay to zero over the run, or ``constant``.
@@ -57,7 +57,7 @@ class MedDelineaTask(SegmentationTask):
         vae: str = "sd",
         image_size: int = 256,
         control_blocks: int = 15,
-        class_label: int = NULL_CLASS,
+        class_label: int | None = None,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
