@@ -30,9 +30,9 @@ def _case(status_default: str, **organs: tuple[float, float, float, str]) -> dic
     for organ in FOREGROUND:
         if organ in organs:
             d, h, a, s = organs[organ]
-            out[organ] = OrganMetrics(dice=d, hd95=h, assd=a, status=s)  # type: ignore[typeddict-item]
+            out[organ] = OrganMetrics(dice=d, hd95=h, assd=a, status=s)  # type: ignore
         else:
-            out[organ] = OrganMetrics(dice=NAN, hd95=NAN, assd=NAN, status=status_default)  # type: ignore[typeddict-item]
+            out[organ] = OrganMetrics(dice=NAN, hd95=NAN, assd=NAN, status=status_default)  # type: ignore
     return out
 
 
