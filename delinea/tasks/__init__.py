@@ -2,5 +2,6 @@
 
 from delinea.tasks.base import SegmentationTask
 from delinea.tasks.meddelinea import MedDelineaTask
+from delinea.tasks.unet import UNetTask
 
-__all__ = ["MedDelineaTask", "SegmentationTask"]
+__all__ = ["MedDelineaTask", "SegmentationTask", "UNetTask"]

@@ -1,12 +1,39 @@
-"""The shared base of delinea's Lightning tasks: hyperparameters, optimiser, schedule, validation loss."""
+"""The shared base of delinea's Lightning tasks: optimiser and schedule, and the 3D test and predict loops."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from monai.losses import DiceLoss
+
+from delinea.evaluation import case_metrics, case_rows, gather_rows, save_overlays, summarize, write_reports
+from delinea.io import save_nifti
+from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS
+from delinea.tasks.volumes import PredictedCase, VolumeAssembler
+
+_DICE = DiceLoss(sigmoid=True, reduction="none")
+
+
+def bce_dice_loss(logits: torch.Tensor, mask: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """L_seg: per-class sigmoid BCE + Dice (MONAI), averaged over the classes each slice's dataset labels.
+
+    Args:
+        logits: (N, C, H, W) class logits.
+        mask: (N, H, W) unified ids.
+        labelled: (N, C) bool; unlabelled classes (single-organ datasets) contribute nothing.
+    """
+    target = F.one_hot(mask.long(), NUM_CLASSES).permute(0, 3, 1, 2).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))  # (N, C)
+    dice = _DICE(logits, target).flatten(1)  # (N, C)
+    weight = labelled.to(logits.dtype)
+    return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class SegmentationTask(LightningModule):
@@ -29,6 +56,16 @@ class SegmentationTask(LightningModule):
             raise ValueError(f"lr ({lr}) must be positive and warmup_steps ({warmup_steps}) non-negative")
         self.save_hyperparameters()
         self.configure_models()
+        # Where test reports and predictions go: run options set by the CLI, not hyperparameters, so a
+        # checkpoint never carries an old run's output folder or overwrite permission.
+        self.output_dir: Path | None = None
+        self.overwrite = False
+        self.save_uncertainty = False
+        self.overlay_cases = 3
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the task class, so ``delinea test --ckpt`` rebuilds the right task without a config."""
+        checkpoint["delinea_task"] = f"{type(self).__module__}.{type(self).__name__}"
 
     def configure_models(self) -> None:
         """Build the networks from ``self.hparams`` (so a checkpoint alone can rebuild them)."""
@@ -74,3 +111,94 @@ class SegmentationTask(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- test: slices -> volumes -> 3D metrics and reports --------------------------------------------------
+
+    def run_dir(self, stage: str) -> Path:
+        """The folder a stage writes into: the CLI's output folder, else the logger's run folder."""
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        base = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(base) / stage
+
+    def on_test_epoch_start(self) -> None:
+        self._volumes = VolumeAssembler(self.trainer.datamodule.load_case)
+        self._rows: list = []
+        self._overlays_written = 0
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        probabilities, uncertainty = self.predict_probabilities(batch["image"])
+        for done in self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty):
+            self._finish_test_case(done)
+
+    def _finish_test_case(self, done: PredictedCase) -> None:
+        case = done.case
+        if case.label is None:
+            raise ValueError(f"test case {case.case_id!r} ({case.path}) has no label to evaluate against")
+        metrics = case_metrics(done.labels, case.label, case.spacing, labelled=case.labelled)
+        self._rows.extend(case_rows(case.case_id, metrics))
+        if self._overlays_written < self.overlay_cases:
+            save_overlays(case.image, case.label, done.labels, self.run_dir("test") / "overlays" / case.case_id,
+                          spacing=case.spacing, overwrite=self.overwrite)
+            self._overlays_written += 1
+
+    def on_test_epoch_end(self) -> None:
+        missing = self._volumes.incomplete()
+        if missing:
+            raise RuntimeError(f"test cases {missing[:5]} did not receive all their slices; the loader must give "
+                               "every rank whole cases")
+        rows = gather_rows(self._rows)  # every rank gets every case's rows, once
+        summary = summarize(rows)
+        for organ in FOREGROUND:
+            value = summary["organs"].get(organ, {}).get("dice")
+            if value is not None:
+                self.log(f"test/dice/{organ}", float(value), rank_zero_only=True)
+        for key in ("mDSC", "mHD95", "mASSD"):
+            if summary.get(key) is not None:
+                self.log(f"test/{key}", float(summary[key]), rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            write_reports(rows, self.run_dir("test"), overwrite=self.overwrite, method=type(self).__name__)
+        self.test_summary = summary
+
+    # -- predict: slices -> label maps on each input's own grid ---------------------------------------------
+
+    def on_predict_epoch_start(self) -> None:
+        self._volumes = VolumeAssembler(self.trainer.datamodule.load_case)
+        self.predicted_files: list[Path] = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        probabilities, uncertainty = self.predict_probabilities(batch["image"])
+        for done in self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty):
+            self._write_prediction(done)
+
+    def _write_prediction(self, done: PredictedCase) -> None:
+        case, folder = done.case, self.run_dir("predict")
+        geometry = case.geometry
+        target = folder / f"{case.case_id}_seg.nii.gz"
+        outputs = {"labels": target}
+        if self.save_uncertainty:
+            outputs["uncertainty"] = folder / f"{case.case_id}_uncertainty.nii.gz"
+        sidecar = folder / f"{case.case_id}_seg.json"
+        for path in [*outputs.values(), sidecar]:
+            if path.exists() and not self.overwrite:
+                raise FileExistsError(f"{path} exists; pass --overwrite true to replace it")
+        save_nifti(geometry.to_original(done.labels).astype(np.uint8), geometry.original_affine, target,
+                   overwrite=self.overwrite)
+        if self.save_uncertainty:
+            save_nifti(geometry.to_original(done.uncertainty.astype(np.float32)), geometry.original_affine,
+                       outputs["uncertainty"], overwrite=self.overwrite)
+        present = sorted(int(v) for v in np.unique(done.labels))
+        sidecar.write_text(json.dumps({
+            "source": str(case.path),
+            "labels": {str(i): name for i, name in enumerate(ORGANS)},
+            "present": {ORGANS[i]: int((done.labels == i).sum()) for i in present if i},
+            "spacing_mm": [float(s) for s in case.spacing],
+            "model": type(self).__name__,
+            "files": {k: str(v) for k, v in outputs.items()},
+        }, indent=2) + "\n")
+        self.predicted_files.append(target)
+
+    def on_predict_epoch_end(self) -> None:
+        missing = self._volumes.incomplete()
+        if missing:
+            raise RuntimeError(f"predicted cases {missing[:5]} did not receive all their slices")

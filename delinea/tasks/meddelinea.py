@@ -8,14 +8,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
 from delinea.models.dit import DIT_PRESETS
 from delinea.models.sampling import make_sampler
 from delinea.models.vae import VAE_SIZES, MaskVAE
-from delinea.tasks.base import SegmentationTask
+from delinea.tasks.base import SegmentationTask, bce_dice_loss
 from delinea.tasks.latent_cache import LatentCache
 
 
@@ -100,7 +99,6 @@ class MedDelineaTask(SegmentationTask):
         if hp.init_from:
             self._init_trainable_from(hp.init_from)
         self.latent_cache = LatentCache(hp.latent_cache, self.vae_fingerprint()) if hp.latent_cache else None
-        self.dice_loss = DiceLoss(sigmoid=True, reduction="none")
 
     def _init_trainable_from(self, path: str) -> None:
         checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
@@ -167,11 +165,7 @@ class MedDelineaTask(SegmentationTask):
             return sum(p.sum() * 0.0 for p in self.model.vae.head.parameters())
         latent0 = self.model.tweedie(noisy[keep], noise_pred[keep], timestep[keep])
         logits = self.model.vae.decode_logits(latent0).float()  # (n, C, H, W)
-        target = F.one_hot(mask[keep].long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))  # (n, C)
-        dice = self.dice_loss(logits, target).flatten(1)  # (n, C)
-        weight = labelled[keep].float()
-        return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
+        return bce_dice_loss(logits, mask[keep], labelled[keep])
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -198,6 +192,7 @@ class MedDelineaTask(SegmentationTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave out frozen backbone weights that load from their files anyway, with a fingerprint to check."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["delinea_frozen_fingerprint"] = self.frozen_fingerprint()
         if self.frozen_from_files and not self.hparams.save_frozen_weights:
             for key in self.frozen_keys():

@@ -1,0 +1,73 @@
+"""The baseline: a 2D MONAI UNet trained and tested on the same slices, losses, metrics and reports."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from monai.networks.nets import UNet
+
+from delinea.labels import NUM_CLASSES
+from delinea.tasks.base import SegmentationTask, bce_dice_loss
+
+
+class UNetTask(SegmentationTask):
+    """A 2D residual UNet (MONAI) over image slices, one logit per unified class.
+
+    It shares MedDelinea's L_seg (per-class BCE + Dice over the labelled classes), data pipeline, 3D
+    metrics and reports, so the two compare on equal terms.
+
+    Args:
+        channels: feature channels per level; each level after the first halves the resolution.
+        num_res_units: residual units per level.
+        dropout: dropout probability inside the UNet.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine``, ``linear`` or ``constant``.
+        warmup_steps: linear warm-up steps.
+    """
+
+    def __init__(
+        self,
+        channels: list[int] = [16, 32, 64, 128, 256],  # noqa: B006 - jsonargparse needs a plain default
+        num_res_units: int = 2,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_steps: int = 0,
+    ) -> None:
+        if len(channels) < 2:
+            raise ValueError(f"channels {channels} needs at least two levels")
+        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.hparams.channels) - 1)
+
+    def configure_models(self) -> None:
+        if hasattr(self, "model"):
+            return
+        channels = list(self.hparams.channels)
+        self.model = UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=channels,
+                          strides=[2] * (len(channels) - 1), num_res_units=self.hparams.num_res_units,
+                          dropout=self.hparams.dropout)
+
+    def _check(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise ValueError(f"image must be (N, 1, H, W), got shape {tuple(image.shape)}")
+        if image.shape[-1] % self.size_multiple or image.shape[-2] % self.size_multiple:
+            raise ValueError(f"image size {image.shape[-2]}x{image.shape[-1]} is not divisible by "
+                             f"{self.size_multiple} (2 ** UNet levels)")
+
+    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        self._check(batch["image"])
+        loss = bce_dice_loss(self.model(batch["image"]).float(), batch["mask"], batch["labelled"])
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(image)
+        probabilities = self.model(image).float().softmax(1)
+        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
+        return probabilities, entropy / torch.log(torch.tensor(float(NUM_CLASSES)))
