@@ -136,15 +136,15 @@ class SliceDataset(Dataset):
             sample["cache_key"] = ""
             return sample
         if loaded.label is not None:
-            mask = resize_mask(torch.from_numpy(np.ascontiguousarray(loaded.label[:, :, k])), resolution)
+            mask = resize_mask(loaded.label[:, :, k].astype(np.int64), resolution)
         else:
-            mask = torch.zeros(resolution, resolution, dtype=torch.uint8)
+            mask = torch.zeros(resolution, resolution, dtype=torch.int64)
         if self.augment:
             out = self.transform(resolution)({"image": image, "mask": mask[None].float()})
             image = _plain(out["image"]).float().clamp_(-1.0, 1.0)
-            mask = _plain(out["mask"])[0].round().to(torch.uint8)
+            mask = _plain(out["mask"])[0].round().long()
         sample["image"] = image.contiguous()
-        sample["mask"] = mask.long()
+        sample["mask"] = mask
         sample["labelled"] = self.labelled[number].clone()
         sample["cache_key"] = "" if self.augment else self.cache_key(index, resolution, loaded.modality)
         return sample

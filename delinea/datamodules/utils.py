@@ -271,15 +271,24 @@ def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def resize_mask(mask: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of an integer mask (..., H, W) to ``size``; 'nearest-exact' is symmetric."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(mask.shape[-2:]) == size:
-        return mask
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    out = F.interpolate(flat, size=size, mode="nearest-exact")
-    return out.reshape(*lead, *size).to(mask.dtype)
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel under 'nearest-exact' resizing (pixel centres, as torch computes it)."""
+    return np.minimum(((np.arange(size_out) + 0.5) * (size_in / size_out)).astype(np.int64), size_in - 1)
+
+
+def resize_mask(mask: torch.Tensor | np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour ('nearest-exact') resize of an integer mask (..., H, W) to ``size``.
+
+    An index gather rather than ``F.interpolate``: no float round trip, and identical to torch's
+    ``mode='nearest-exact'``, which is symmetric (unlike ``'nearest'``, which shifts by half a pixel).
+    """
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if tuple(array.shape[-2:]) != size:
+        rows = nearest_indices(array.shape[-2], size[0])
+        cols = nearest_indices(array.shape[-1], size[1])
+        array = array[..., rows[:, None], cols[None, :]]
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def slices_to_volume(slices: torch.Tensor | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
