@@ -63,9 +63,17 @@ ATLAS8K_FILES = {
 def map_labels(label: np.ndarray, table: dict[int, int]) -> np.ndarray:
     """Map a source label array to unified ids with a lookup table; ids missing from ``table`` become background."""
     label = np.asarray(label)
-    if label.size and (label.min() < 0 or not np.allclose(label, np.round(label))):
+    # Integer arrays are used as they are: a CT label map has ~10^8 voxels, so no float or int64 copies.
+    if label.dtype.kind == "f":
+        if label.size and (not np.isfinite(label).all() or not np.array_equal(label, np.round(label))):
+            raise ValueError("label ids must be non-negative integers, got non-integer values")
+        label = label.astype(np.int64)
+    elif label.dtype.kind == "b":
+        label = label.astype(np.uint8)
+    elif label.dtype.kind not in "iu":
+        raise ValueError(f"label ids must be non-negative integers, got dtype {label.dtype}")
+    if label.size and label.min() < 0:
         raise ValueError(f"label ids must be non-negative integers, got values in [{label.min()}, {label.max()}]")
-    label = label.astype(np.int64)
     lut = np.zeros(max(int(label.max(initial=0)), max(table, default=0)) + 1, dtype=np.uint8)
     for source, unified in table.items():
         lut[source] = unified
