@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,19 @@ def checkpoint_task(path: Path) -> str:
     return task
 
 
+def user_message(error: BaseException) -> str:
+    """The message of the error delinea itself raised, out of jsonargparse's wrapping of it."""
+    current: BaseException | None = error
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and f"{Path('delinea')}{os.sep}" in frames[-1].filename.replace("/", os.sep):
+            return str(current).strip()
+        current = current.__cause__ or current.__context__
+    lines = [line.strip() for line in str(error).splitlines()]
+    listed = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return listed[0] if listed else (lines[-1] if lines else repr(error))
+
+
 class DelineaCLI(LightningCLI):
     """LightningCLI with dataset aliases, one-line user errors and output options for test and predict."""
 
@@ -116,7 +131,7 @@ class DelineaCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, KeyError) as error:
-            raise CLIError(str(error).strip().splitlines()[-1] if str(error) else repr(error)) from error
+            raise CLIError(user_message(error)) from error
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         self.model.output_dir = config.get("output")
         self.model.overwrite = bool(config.get("overwrite"))
