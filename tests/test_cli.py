@@ -151,3 +151,30 @@ def test_every_shipped_config_parses_and_instantiates(config: Path, btcv: Path, 
         assert cli.model.hparams.control_blocks == int(config.stem.rsplit("_", 1)[1])
     if config.name == "fewshot.yaml":
         assert cli.datamodule.fraction == 0.1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
+    """Two gloo ranks through the real command: both run, one checkpoint, test metrics reduced over ranks."""
+    root = tmp_path / "btcv"
+    write_btcv(root, n=20)
+    run = tmp_path / "run"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *QUIET]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fit = subprocess.run([sys.executable, "-m", "delinea", "fit", "--config", str(CONF / "meddelinea_btcv.yaml"),
+                          *data_args(root, tmp_path), "--trainer.default_root_dir", str(run), *ddp],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    log = fit.stdout + fit.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    checkpoints = list(run.rglob("*.ckpt"))
+    assert len(checkpoints) == 1
+    test = subprocess.run([sys.executable, "-m", "delinea", "test", "--ckpt", str(checkpoints[0]), "--data", "btcv",
+                           *data_args(root, tmp_path), "--data.resolution", "32", "--output", str(tmp_path / "test"),
+                           "--trainer.default_root_dir", str(run), *ddp],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert test.returncode == 0, test.stderr[-3000:]
+    summary = json.loads((tmp_path / "test" / "metrics_summary.json").read_text())
+    split = json.loads((tmp_path / "split.json").read_text())
+    # each rank evaluated whole cases of its own; the report counts every test case exactly once
+    assert len(split["test"]) == 2 and summary["cases"] == 2
