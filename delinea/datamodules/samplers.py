@@ -11,6 +11,7 @@ Distributed training: Lightning (``use_distributed_sampler=True``, the default) 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -31,9 +32,10 @@ class SliceBatchSampler(BatchSampler):
        the DataLoader hands batch ``i`` to worker ``i % num_workers``, so each worker reads its own cases;
     4. batch ``b`` of the epoch gets ``resolutions[(b + epoch) % len(resolutions)]``.
 
-    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending); ranks get
-    whole cases (``cases[rank::num_replicas]``) so per-case volumes can be stacked on one rank; the first
-    resolution.
+    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending) at the first
+    resolution. Ranks get whole cases, balanced by slice count, so per-case volumes can be stacked on one
+    rank; batch counts may differ by rank (log eval metrics per epoch, not per step with a sync). With fewer
+    cases than ranks, the extra ranks repeat a case (with a warning): Lightning needs a batch on every rank.
 
     Args:
         sampler: ignored except to read ``num_replicas``/``rank`` from a ``DistributedSampler``; present so
@@ -94,6 +96,13 @@ class SliceBatchSampler(BatchSampler):
         self.block_cases = max(1, int(block_cases))
         self.lanes = max(1, int(lanes))
         self.epoch = 0
+        n_cases = len(np.unique(case_of))
+        if not shuffle and 0 < n_cases < self.num_replicas:
+            warnings.warn(
+                f"{n_cases} evaluation case(s) for {self.num_replicas} ranks: every rank evaluates whole cases, so "
+                f"ranks {n_cases}..{self.num_replicas - 1} repeat cases; deduplicate per-case results by case_id",
+                stacklevel=2,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the order and the resolution phase (Lightning calls this)."""
@@ -135,9 +144,21 @@ class SliceBatchSampler(BatchSampler):
     def _lane_sizes(self) -> list[int]:
         return [len(a) for a in np.array_split(np.arange(self._shard_length()), self.lanes)]
 
+    def _eval_cases(self) -> list[np.ndarray]:
+        """Whole cases per rank, balanced by slice count (largest first to the least loaded rank)."""
+        cases, counts = np.unique(self.case_of, return_counts=True)
+        if len(cases) < self.num_replicas:
+            # Lightning needs at least one batch on every rank (an empty rank would hang epoch-end syncs).
+            return [cases[[r % len(cases)]] if len(cases) else cases for r in range(self.num_replicas)]
+        loads, owned = np.zeros(self.num_replicas), [[] for _ in range(self.num_replicas)]
+        for i in np.argsort(-counts, kind="stable"):
+            rank = int(np.argmin(loads))
+            loads[rank] += counts[i]
+            owned[rank].append(cases[i])
+        return [np.sort(np.asarray(o, dtype=cases.dtype)) for o in owned]
+
     def _eval_indices(self) -> np.ndarray:
-        cases = np.unique(self.case_of)[self.rank :: self.num_replicas]
-        return np.flatnonzero(np.isin(self.case_of, cases))
+        return np.flatnonzero(np.isin(self.case_of, self._eval_cases()[self.rank]))
 
     def _batches(self) -> list[np.ndarray]:
         if not self.shuffle:

@@ -90,8 +90,16 @@ def test_evaluation_shards_are_whole_cases_in_order() -> None:
         sampler = SliceBatchSampler(batch_size=2, case_of=case_of, shuffle=False, num_replicas=2, rank=rank)
         shards.append(_flat(sampler))
         assert len(sampler) == len(list(sampler))
-    assert set(case_of[shards[0]]) == {0, 2, 4} and set(case_of[shards[1]]) == {1, 3}
-    assert shards[0] == sorted(shards[0]) and sorted(shards[0] + shards[1]) == list(range(12))
+    # Balanced by slices, largest case first to the least loaded rank: 4 + 2 slices vs 3 + 2 + 1.
+    assert set(case_of[shards[0]]) == {2, 4} and set(case_of[shards[1]]) == {0, 1, 3}
+    assert len(shards[0]) == len(shards[1]) == 6
+    assert shards[1] == sorted(shards[1]) and sorted(shards[0] + shards[1]) == list(range(12))
+
+
+def test_fewer_evaluation_cases_than_ranks_repeat_a_case_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="1 evaluation case.*for 3 ranks.*deduplicate"):
+        samplers = [SliceBatchSampler(batch_size=2, case_of=_case_of([3]), shuffle=False, num_replicas=3, rank=r) for r in range(3)]
+    assert [_flat(s) for s in samplers] == [[0, 1, 2]] * 3
 
 
 def test_distributed_sampler_argument_sets_the_shard() -> None:
