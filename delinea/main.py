@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 import delinea
@@ -108,6 +109,21 @@ def user_message(error: BaseException) -> str:
     return listed[0] if listed else (lines[-1] if lines else repr(error))
 
 
+def explicit_model_arguments(argv: list[str]) -> dict[str, Any]:
+    """Model init arguments the user gave in ``--config`` files and ``--model.X`` options, in order."""
+    found: dict[str, Any] = {}
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if name in ("-c", "--config") and Path(value).is_file():
+            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model") or {}
+            found.update(model.get("init_args") or {})
+        elif name.startswith("--model.") and name != "--model.help":
+            found[name.removeprefix("--model.").removeprefix("init_args.")] = yaml.safe_load(value)
+    return found
+
+
 class DelineaCLI(LightningCLI):
     """LightningCLI with dataset aliases, one-line user errors and output options for test and predict."""
 
@@ -123,9 +139,22 @@ class DelineaCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         if args is None:  # from the shell: rewrite sys.argv itself, as LightningCLI warns on both at once
             sys.argv = [sys.argv[0], *rewrite_arguments(sys.argv[1:])]
+            argv = sys.argv[1:]
             super().parse_arguments(parser, None)
         else:
-            super().parse_arguments(parser, rewrite_arguments(list(args)))
+            argv = rewrite_arguments(list(args))
+            super().parse_arguments(parser, argv)
+        self.model_overrides = explicit_model_arguments(argv)
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyperparameters first, then what the user set explicitly (``--model.sampler ddim`` or a
+        ``--config`` with ``model.init_args``): LightningCLI alone would let the checkpoint win."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") and self.model_overrides:
+            class_path = self.config[subcommand]["model"]["class_path"]
+            update = {subcommand: {"model": {"class_path": class_path, "init_args": self.model_overrides}}}
+            self.config = self.parser.parse_object(update, self.config)
 
     def instantiate_classes(self) -> None:
         try:

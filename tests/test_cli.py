@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from delinea.datamodules.synthetic import write_btcv
 from delinea.main import build_cli, main
@@ -52,6 +53,14 @@ def test_fit_test_predict_round_trip(btcv: Path, tmp_path: Path) -> None:
     assert len(rows) == 1 + 8 * summary["cases"]
     assert (tmp_path / "test" / "metrics_table.md").read_text().count("|") > 20
     assert list((tmp_path / "test" / "overlays").glob("*.png"))
+    # explicit settings win over the checkpoint's; the rest (the architecture) comes from the checkpoint
+    main(["test", "--ckpt", str(checkpoints[0]), "--data", "btcv", *data_args(btcv, tmp_path),
+          "--config", str(ROOT / "configs" / "ablations" / "sampler_ddim.yaml"), "--model.zero_image", "true",
+          "--model.sampling_steps", "1", "--data.resolution", "32", "--output", str(tmp_path / "test_ddim"),
+          "--trainer.default_root_dir", str(tmp_path / "ablation"), *QUIET])
+    hparams = yaml.safe_load(next((tmp_path / "ablation").rglob("hparams.yaml")).read_text())
+    assert (hparams["sampler"], hparams["sampling_steps"], hparams["zero_image"]) == ("ddim", 1, True)
+    assert (hparams["dit"], hparams["control_blocks"], hparams["image_size"]) == ("DiT-tiny/2", 2, 32)
     # predict on the real MR sample (LPS): the label map has the input's shape and affine
     out = tmp_path / "predicted"
     args = ["predict", "--ckpt", str(checkpoints[0]), "--data", "scan", "--data.path", str(SAMPLE_MR),
