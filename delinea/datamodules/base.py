@@ -33,6 +33,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from delinea.datamodules.dataset import SliceDataset
+from delinea.datamodules.index import CaseIndex
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
 from delinea.datamodules.utils import (
@@ -41,7 +42,6 @@ from delinea.datamodules.utils import (
     LabelSpec,
     check_case,
     load_case_files,
-    read_label,
 )
 from delinea.io import DatasetError, Geometry, is_nifti, nifti_stem
 from delinea.labels import NUM_CLASSES
@@ -128,6 +128,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         self.skipped_cases: dict[str, str] = {}
         self._files: dict[str, CaseFiles] | None = None
         self._datasets: dict[str, SliceDataset] = {}
+        self._case_index: CaseIndex | None = None
 
     # -- what a dataset defines ----------------------------------------------------------------------------
     @abstractmethod
@@ -189,25 +190,47 @@ class MedSegDataModule(LightningDataModule, ABC):
         spec = self.label_spec
         return np.array(spec.labelled if spec is not None else (False,) * NUM_CLASSES, dtype=bool)
 
-    def _checked(self, ids: Sequence[str], needs_label: bool, skip: bool) -> list[tuple[CaseFiles, int]]:
-        """Check cases from their headers; return (files, number of axial slices) for the good ones.
+    def _checked(
+        self, ids: Sequence[str], needs_label: bool, skip: bool, foreground: bool = False
+    ) -> tuple[list[tuple[CaseFiles, int]], np.ndarray | None]:
+        """Check cases from their headers (and, with ``foreground``, their labels) through the case index.
+
+        Returns:
+            (files, number of axial slices) of the good cases, and with ``foreground`` the per-slice
+            foreground flags of those cases concatenated.
 
         Raises:
             DatasetError: for the first bad case, unless ``skip`` (then it is recorded in ``skipped_cases``).
         """
-        good, bad = [], {}
-        for case_id in ids:
-            files = self.files[case_id]
-            try:
-                geometry = check_case(files, needs_label, self.affine_tolerance)
-            except DatasetError as error:
+        files = [self.files[i] for i in ids]
+        entries = self._index.inspect(
+            files, needs_label, self.label_spec, foreground, self.affine_tolerance, self._ignore_unknown,
+            threads=max(1, self.num_workers),
+        )  # fmt: skip
+        good, bad, flags = [], {}, []
+        for f in files:
+            entry = entries[f.case_id]
+            if entry["error"] is not None:
                 if not skip:
-                    raise
-                bad[case_id] = str(error)
+                    raise DatasetError(entry["error"])
+                bad[f.case_id] = entry["error"]
                 continue
-            good.append((files, geometry.canonical_shape[2]))
+            good.append((f, entry["slices"]))
+            if foreground:
+                flag = np.zeros(entry["slices"], dtype=bool)
+                flag[entry["foreground"]] = True
+                flags.append(flag)
         self._record_skipped(bad)
-        return good
+        return good, (np.concatenate(flags) if flags else np.zeros(0, bool)) if foreground else None
+
+    @property
+    def _index(self) -> CaseIndex:
+        if self._case_index is None:
+            self._case_index = CaseIndex(self._index_path())
+        return self._case_index
+
+    def _index_path(self) -> Path | None:
+        return None
 
     def _record_skipped(self, bad: dict[str, str]) -> None:
         new = {k: v for k, v in bad.items() if k not in self.skipped_cases}
@@ -379,42 +402,31 @@ class LabelledDataModule(MedSegDataModule):
         ids = [c for c in self.split[split] if self.include(self.files[c])]
         return take_fraction(ids, self.fraction) if split == "train" and ids else ids
 
+    def _index_path(self) -> Path | None:
+        return self.split_file.with_name(self.split_file.stem + ".cases.json")
+
     def prepare_data(self) -> None:
-        """Make the split file once per node (Lightning runs this on local rank 0 before ``setup``)."""
-        _ = self.split
+        """Make the split file and inspect every case once per node (Lightning runs this on local rank 0
+        before ``setup``, so the other ranks find the case index filled)."""
+        for split in ("train", "val", "test"):
+            foreground = split == "train" and self.empty_slice_ratio is not None
+            files = [self.files[i] for i in self._split_ids(split)]
+            self._index.inspect(
+                files, True, self.label_spec, foreground, self.affine_tolerance, self.ignore_unknown_labels,
+                threads=max(1, self.num_workers),
+            )  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        """Build the slice datasets that ``stage`` needs, checking every case's headers."""
+        """Build the slice datasets that ``stage`` needs, checking every case (cached in the case index)."""
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
         for split in wanted:
-            if split in self._datasets and split != "predict":
+            if split in self._datasets:
                 continue
-            cases = self._checked(self._split_ids(split), needs_label=True, skip=self.skip_bad_cases)
-            foreground = None
-            if split == "train" and self.empty_slice_ratio is not None:
-                cases, foreground = self._scan_foreground(cases)
-            self._datasets[split] = self._dataset(cases, augment=self.augment and split == "train", foreground=foreground)
+            foreground = split == "train" and self.empty_slice_ratio is not None
+            cases, flags = self._checked(self._split_ids(split), True, self.skip_bad_cases, foreground)
+            self._datasets[split] = self._dataset(cases, augment=self.augment and split == "train", foreground=flags)
         if stage == "predict":
             self._datasets["predict"] = self._datasets["test"]
-
-    def _scan_foreground(self, cases: list[tuple[CaseFiles, int]]) -> tuple[list[tuple[CaseFiles, int]], np.ndarray]:
-        """Read every training label once: per-slice foreground flags, and full label checks."""
-        spec = self.label_spec
-        assert spec is not None
-        good, flags, bad = [], [], {}
-        for files, n in cases:
-            try:
-                geometry = check_case(files, True, self.affine_tolerance)
-                label = read_label(files, spec, geometry, self.ignore_unknown_labels, self.affine_tolerance)
-            except DatasetError as error:
-                if not self.skip_bad_cases:
-                    raise
-                bad[files.case_id] = str(error)
-                continue
-            good.append((files, n))
-            flags.append(label.any(axis=(0, 1)))
-        self._record_skipped(bad)
-        return good, (np.concatenate(flags) if flags else np.zeros(0, bool))
 
     # -- loaders -------------------------------------------------------------------------------------------
     def _get(self, split: str) -> SliceDataset:

@@ -68,7 +68,7 @@ class ScanDataModule(MedSegDataModule):
     def setup(self, stage: str) -> None:
         """Check every scan's header and index its slices (any stage serves the predict slices)."""
         if "predict" not in self._datasets:
-            cases = self._checked(list(self.files), needs_label=False, skip=False)
+            cases, _ = self._checked(list(self.files), needs_label=False, skip=False)
             self._datasets["predict"] = self._dataset(cases)
 
     def predict_dataloader(self) -> DataLoader:

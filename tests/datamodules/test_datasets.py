@@ -282,3 +282,29 @@ def test_atlas_has_no_test_split(atlas8k: Layout) -> None:
     assert dm.test_cases() == []
     with pytest.raises(ValueError, match=r"atlas8k: the test split has no cases"):
         dm.test_dataloader()
+
+
+def test_case_index_is_reused_and_refreshed_when_files_change(btcv_copy: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import delinea.datamodules.index as index_module
+
+    root, _ = btcv_copy
+    first = _dm(BTCVDataModule, root, empty_slice_ratio=0.5)
+    first.prepare_data()  # what Lightning runs once per node before setup
+    index_file = first.split_file.with_name(first.split_file.stem + ".cases.json")
+    entries = json.loads(index_file.read_text())["cases"]
+    assert sorted(entries) == ["0001", "0002", "0003", "0004", "0005"]
+    train = first.split["train"]
+    assert all(entries[c]["foreground"] == [1, 2, 3, 4] for c in train) and entries[train[0]]["slices"] == 6
+    calls: list[str] = []
+    real = index_module._inspect
+    monkeypatch.setattr(index_module, "_inspect", lambda f, *a: calls.append(f.case_id) or real(f, *a))
+    second = _dm(BTCVDataModule, root, empty_slice_ratio=0.5)
+    second.setup("fit")
+    assert calls == []  # every rank's setup reads the index instead of the files
+    assert second._datasets["train"].foreground.sum() == 4 * len(train)
+    label = root / "RawData/Training/label" / f"label{train[0]}.nii.gz"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # the file changed
+    _dm(BTCVDataModule, root, empty_slice_ratio=0.5).setup("fit")
+    assert calls == [train[0]]

@@ -1,0 +1,104 @@
+"""A small per-case index kept next to the split file, so large datasets are inspected once, not every run.
+
+For each case it records what setup needs: the number of axial slices, the error that makes the case bad
+(if any), and, when asked for, which slices hold foreground. Entries are keyed by the sizes and modification
+times of the case's files, so an edited or replaced file is inspected again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delinea.datamodules.utils import CaseFiles, LabelSpec, check_case, read_label
+from delinea.io import DatasetError
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+class CaseIndex:
+    """Per-case facts cached in a JSON file (or only in memory when ``path`` is None or not writable).
+
+    Args:
+        path: the JSON file.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("version") == VERSION:
+                    self.entries = data["cases"]
+            except (OSError, ValueError, KeyError, AttributeError) as error:
+                log.warning("ignoring unreadable case index %s (%s)", path, error)
+
+    def inspect(
+        self,
+        cases: Sequence[CaseFiles],
+        needs_label: bool,
+        spec: LabelSpec | None = None,
+        foreground: bool = False,
+        atol: float = 1e-3,
+        ignore_unknown: bool = False,
+        threads: int = 1,
+    ) -> dict[str, dict[str, Any]]:
+        """Entries for ``cases``, inspecting (in ``threads`` threads) those missing or stale, then saving.
+
+        Each entry holds ``slices`` (int), ``error`` (str or None) and, with ``foreground``, ``foreground``
+        (the axial indices holding any labelled voxel; reading every label also checks its ids).
+        """
+        todo = []
+        for files in cases:
+            entry = self.entries.get(files.case_id)
+            fresh = entry is not None and entry.get("stat") == files.stat_key() and entry.get("needs_label") >= needs_label
+            if not fresh or (foreground and entry.get("error") is None and entry.get("foreground") is None):
+                todo.append(files)
+        if todo:
+            work: Callable[[CaseFiles], dict[str, Any]] = lambda f: _inspect(f, needs_label, spec, foreground, atol, ignore_unknown)  # noqa: E731
+            if threads > 1 and len(todo) > 1:  # reading is mostly gzip and file I/O, which release the GIL
+                with ThreadPoolExecutor(threads) as pool:
+                    results = list(pool.map(work, todo))
+            else:
+                results = [work(f) for f in todo]
+            for files, entry in zip(todo, results):
+                self.entries[files.case_id] = entry
+            self.save()
+        return {f.case_id: self.entries[f.case_id] for f in cases}
+
+    def save(self) -> None:
+        """Write the index atomically; a read-only location only costs the cache."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+                json.dump({"version": VERSION, "cases": self.entries}, handle)
+            os.replace(handle.name, self.path)
+        except OSError as error:
+            log.info("case index not saved to %s (%s)", self.path, error)
+
+
+def _inspect(
+    files: CaseFiles, needs_label: bool, spec: LabelSpec | None, foreground: bool, atol: float, ignore_unknown: bool
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"stat": files.stat_key(), "needs_label": needs_label, "slices": 0, "error": None}
+    try:
+        geometry = check_case(files, needs_label, atol)
+        entry["slices"] = int(geometry.canonical_shape[2])
+        if foreground and spec is not None:
+            label = read_label(files, spec, geometry, ignore_unknown, atol)
+            entry["foreground"] = np.flatnonzero(label.any(axis=(0, 1))).tolist()
+    except DatasetError as error:
+        entry["error"] = str(error)
+    return entry
