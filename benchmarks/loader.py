@@ -81,6 +81,8 @@ def main() -> None:
         "shape": args.shape,
         "batch_size": args.batch_size,
         "cpu_count": os.cpu_count(),
+        # A shared machine: the load average says how many other processes competed for the cores.
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
