@@ -59,9 +59,15 @@ class CaseIndex:
         (the axial indices holding any labelled voxel; reading every label also checks its ids).
         """
         todo = []
+        options = _options(atol, ignore_unknown)
         for files in cases:
             entry = self.entries.get(files.case_id)
-            fresh = entry is not None and entry.get("stat") == files.stat_key() and entry.get("needs_label") >= needs_label
+            fresh = (
+                entry is not None
+                and entry.get("stat") == files.stat_key()
+                and entry.get("options") == options
+                and bool(entry.get("needs_label")) >= needs_label
+            )
             if not fresh or (foreground and entry.get("error") is None and entry.get("foreground") is None):
                 todo.append(files)
         if todo:
@@ -92,7 +98,13 @@ class CaseIndex:
 def _inspect(
     files: CaseFiles, needs_label: bool, spec: LabelSpec | None, foreground: bool, atol: float, ignore_unknown: bool
 ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"stat": files.stat_key(), "needs_label": needs_label, "slices": 0, "error": None}
+    entry: dict[str, Any] = {
+        "stat": files.stat_key(),
+        "options": _options(atol, ignore_unknown),
+        "needs_label": needs_label,
+        "slices": 0,
+        "error": None,
+    }
     try:
         geometry = check_case(files, needs_label, atol)
         entry["slices"] = int(geometry.canonical_shape[2])
@@ -102,3 +114,8 @@ def _inspect(
     except DatasetError as error:
         entry["error"] = str(error)
     return entry
+
+
+def _options(atol: float, ignore_unknown: bool) -> str:
+    """The checking options an entry's verdict depends on."""
+    return f"atol={atol:g};ignore_unknown={ignore_unknown}"
