@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 import delinea
 import delinea.tasks  # noqa: F401 - lets YAML name tasks by class name
-from delinea.datamodules import DATAMODULES, MedSegDataModule
-from delinea.tasks import SegmentationTask
+import delinea.tasks.backbones  # noqa: F401 - the backbone pretraining tasks (the demo's VAE and DiT)
+from delinea.datamodules import DATAMODULES
 
 # Names accepted by ``--data`` (case-insensitive) besides the class names themselves.
 DATA_ALIASES: dict[str, str] = {name: f"{cls.__module__}.{cls.__name__}" for name, cls in DATAMODULES.items()}
@@ -162,6 +163,8 @@ class DelineaCLI(LightningCLI):
         except (ValueError, FileNotFoundError, KeyError) as error:
             raise CLIError(user_message(error)) from error
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if not isinstance(self.model, delinea.tasks.SegmentationTask):
+            return
         self.model.output_dir = config.get("output")
         self.model.overwrite = bool(config.get("overwrite"))
         self.model.save_uncertainty = bool(config.get("save_uncertainty"))
@@ -171,8 +174,9 @@ class DelineaCLI(LightningCLI):
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:
     """The ``delinea`` LightningCLI; ``run=False`` only parses and instantiates (config tests)."""
     return DelineaCLI(
-        model_class=SegmentationTask,
-        datamodule_class=MedSegDataModule,
+        # Any LightningModule and datamodule: the segmentation tasks, and the backbone pretraining tasks.
+        model_class=LightningModule,
+        datamodule_class=LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

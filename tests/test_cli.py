@@ -131,6 +131,13 @@ TINY_MODEL = ["--model.dit", "DiT-tiny/2", "--model.vae", "tiny", "--model.image
 def _overrides(config: Path, btcv: Path, tmp: Path) -> list[str]:
     """Tiny shapes and local data for a stage config; ablations and layers sit on finetune.yaml."""
     text = config.read_text()
+    if config.parent.name == "demo":  # complete configs of their own, on the bundled sample
+        args = ["--config", str(config), "--trainer.default_root_dir", str(tmp)]
+        if "FolderDataModule" in text:
+            args += ["--data.root", str(ROOT / "delinea" / "sample"), "--data.split_file", str(tmp / "s.json")]
+        if "MedDelineaTask" in text:
+            args += ["--model.latent_cache", str(tmp / "cache")]
+        return args
     stage = config if config in STAGES else ROOT / "configs" / "finetune.yaml"
     args = ["--config", str(stage)] + (["--config", str(config)] if config != stage else [])
     is_unet = "UNetTask" in stage.read_text()

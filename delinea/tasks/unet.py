@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,7 @@ class UNetTask(SegmentationTask):
         weight_decay: AdamW weight decay.
         lr_schedule: ``cosine``, ``linear`` or ``constant``.
         warmup_steps: linear warm-up steps.
+        init_from: a UNetTask checkpoint whose weights initialise this one (fine-tuning).
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class UNetTask(SegmentationTask):
         weight_decay: float = 1e-5,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         warmup_steps: int = 0,
+        init_from: str | None = None,
     ) -> None:
         if len(channels) < 2:
             raise ValueError(f"channels {channels} needs at least two levels")
@@ -52,6 +55,19 @@ class UNetTask(SegmentationTask):
         self.model = UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=channels,
                           strides=[2] * (len(channels) - 1), num_res_units=self.hparams.num_res_units,
                           dropout=self.hparams.dropout)
+        if self.hparams.init_from:
+            self._init_from(self.hparams.init_from)
+
+    def _init_from(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from={path!r} is not a file")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ValueError(f"init_from {path} does not fit this UNet (channels, num_res_units): "
+                             f"{str(error).splitlines()[0]}") from error
 
     def _check(self, image: torch.Tensor) -> None:
         if image.ndim != 4 or image.shape[1] != 1:
