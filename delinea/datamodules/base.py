@@ -22,6 +22,7 @@ import logging
 import os
 import warnings
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             found = self.discover()
             ids = [f.case_id for f in found]
             if len(set(ids)) != len(ids):
-                duplicates = sorted({i for i in ids if ids.count(i) > 1})
+                duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
                 raise DatasetError(f"{self.name}: duplicate case ids {duplicates[:10]} in {self.root_string}")
             self._files = {f.case_id: f for f in found}
         return self._files
