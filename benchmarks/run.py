@@ -1,0 +1,252 @@
+"""``make bench``: how many scans delinea trains on and segments per hour, against the UNet baseline.
+
+    .venv/bin/python benchmarks/run.py                  # everything (aim: 15 min on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --quick          # the same pieces at small sizes (1-2 min)
+    .venv/bin/python benchmarks/run.py --sections flops fastpaths --checkpoint demo/meddelinea_ct.ckpt
+
+Sections (each prints markdown tables; the JSON is rewritten after each one):
+
+1. ``training``: slices/s and peak memory of a training step at 256² for the tiny, S and B presets: MedDelinea
+   encoding through the VAE every step, MedDelinea on the latent cache, the MONAI UNet (benchmarks/training.py);
+2. ``inference``: seconds per slice and per volume of every scheduler x {1, 5, 10, 20, 50} steps x ensemble
+   {1, 5} with the Dice reached on the held-out CT slab, the default chosen from that curve, and the whole
+   CT volume with it against the UNet (benchmarks/inference.py, models from benchmarks/models.py);
+3. ``fastpaths``: SDPA, bf16, channels_last, inference_mode, torch.compile, each against fp32 eager in the
+   same run (benchmarks/fastpaths.py);
+4. ``flops``: achieved FLOP/s of the DiT-B/2 forward against a matmul peak measured in the same run
+   (benchmarks/flops.py).
+
+Figures are medians of several timed runs; comparisons are ratios of runs interleaved in this one process
+(benchmarks/common.py). On CUDA the same script runs with bf16 autocast and flash attention.
+
+CPU threads: unless OMP_WAIT_POLICY is already set, this script sets it to PASSIVE before torch loads. With the
+default (spinning) policy, on a machine whose cores are shared with other jobs, a 2-thread step measured
+2-7x slower than with PASSIVE: the benchmark would time OpenMP's spinning, not delinea. ``--omp-active``
+keeps the default; the JSON records which one ran.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "--omp-active" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/run.py` from anywhere
+
+import torch  # noqa: E402
+
+from benchmarks import fastpaths, flops, inference, models, training  # noqa: E402
+from benchmarks.common import cpu_supports_bf16, describe_device, pick_device, table, write_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SECTIONS = ("flops", "fastpaths", "inference", "training")
+
+# Sizes per mode. ``full`` is `make bench`; ``quick`` the smoke version; ``tiny`` what tests/test_bench.py runs.
+MODES: dict[str, dict[str, Any]] = {
+    "full": {
+        "training": {"presets": ["tiny", "S", "B"], "resolution": 256, "batch_size": 2, "repeats": 3},
+        "inference": {"resolution": 128, "repeats": 3, "steps": (1, 5, 10, 20, 50), "ensembles": (1, 5),
+                      "schedulers": None, "train_seconds": 60.0},
+        "fastpaths": {"preset": "B", "resolution": 256, "batch": 4, "repeats": 3, "compile": True},
+        "flops": {"preset": "DiT-B/2", "latent": 32, "batch": 8, "repeats": 3},
+    },
+    "quick": {
+        "training": {"presets": ["tiny"], "resolution": 128, "batch_size": 2, "repeats": 3},
+        "inference": {"resolution": 128, "repeats": 2, "steps": (1, 5, 10), "ensembles": (1, 5),
+                      "schedulers": ["euler_ancestral", "ddim", "dpmsolver++"], "train_seconds": 10.0},
+        "fastpaths": {"preset": "tiny", "resolution": 128, "batch": 4, "repeats": 3, "compile": False},
+        "flops": {"preset": "DiT-S/2", "latent": 32, "batch": 4, "repeats": 3},
+    },
+    "tiny": {
+        "training": {"presets": ["toy"], "resolution": 32, "batch_size": 2, "repeats": 2},
+        "inference": {"resolution": 32, "repeats": 2, "steps": (1, 2), "ensembles": (1, 2),
+                      "schedulers": ["ddim", "euler_ancestral"], "train_seconds": 1.0, "tiny": True, "chunk": 112},
+        "fastpaths": {"preset": "toy", "resolution": 32, "batch": 2, "repeats": 2, "compile": False},
+        "flops": {"preset": "DiT-tiny/2", "latent": 8, "batch": 2, "repeats": 2},
+    },
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test sizes (tests/test_bench.py)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--checkpoint", help="MedDelinea checkpoint for section 2 (default: demo/meddelinea_ct.ckpt "
+                        "if make demo ran, else a control branch trained here for --train-seconds)")
+    parser.add_argument("--unet-checkpoint", help="UNet checkpoint for section 2 (default: the demo's, else trained)")
+    parser.add_argument("--train-seconds", type=float, help="training budget per model when no checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--omp-active", action="store_true", help="keep OpenMP's default spin-waiting policy")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure (default per mode: 3, tiny 2)")
+    parser.add_argument("--dice-tolerance", type=float, default=0.02,
+                        help="default sampler: fastest setting within this mDSC of the best")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/latest.json; "
+                        "quick.json with --quick)")
+    return parser.parse_args(argv)
+
+
+def _dtype_name(device: torch.device) -> str:
+    return "bfloat16 autocast" if device.type == "cuda" else "float32"
+
+
+def print_training(result: dict[str, Any]) -> None:
+    rows = [row for preset in result["presets"] + result["diff_only"] for row in preset["rows"]]
+    for preset in result["diff_only"]:
+        for row in preset["rows"]:
+            row["preset"] = f"{row['preset']} (L_diff only)"
+    print(table(rows, ["preset", "mode", "dit", "vae", "resolution", "batch", "step_s", "slices_per_s",
+                       "vs_encode", "peak_mib", "runs"], "1. Training throughput (one optimiser step)"))
+    summary = [{"preset": p["preset"] + (" (L_diff only)" if p in result["diff_only"] else ""),
+                "cache_speedup": p["cache_speedup"], "cache_speedup_of_medians": p["cache_speedup_of_medians"],
+                "cache_step_over_unet_step": p["unet_over_cache"], "trainable_params": p["parameters"]["trainable"],
+                "dit_params": p["parameters"]["dit"], "vae_params": p["parameters"]["vae"]}
+               for p in result["presets"] + result["diff_only"]]
+    print(table(summary, list(summary[0]), "1b. Latent cache speedup (paired ratio, same run)"))
+    print(f"Peak memory: {result['memory']}\n")
+
+
+def print_inference(result: dict[str, Any]) -> None:
+    print(table(result["grid"], ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
+                "2. Inference on the held-out CT slab (one run per setting)"))
+    print(table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "vs_unet", "runs"],
+                f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), side by side"))
+    print(f"Default sampler: {result['default_sampler']} ({result['rule']})\n")
+
+
+def print_fastpaths(result: dict[str, Any]) -> None:
+    for name, workload in result["workloads"].items():
+        columns = ["variant", "seconds", "speedup", "runs"]
+        columns += ["agreement", "mDSC"] if "agreement" in workload["rows"][0] else ["max_rel_diff"]
+        title = f"3. Fast paths: {workload['workload']}"
+        if "compile_seconds" in workload:
+            title += f" (compile took {workload['compile_seconds']} s)"
+        print(table(workload["rows"], columns, title))
+        if "attention_processors" in workload:
+            print(f"Attention processors in the blocks: {', '.join(workload['attention_processors'])}\n")
+
+
+def print_flops(result: dict[str, Any]) -> None:
+    print(table(result["rows"], ["preset", "dtype", "batch", "tokens", "gflop_per_forward", "forward_s",
+                                 "dit_gflops", "peak_gflops", "peak_shape", "fraction_of_peak", "fraction_paired",
+                                 "runs"], "4. DiT forward against the matmul peak"))
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    if "cache_speedup" in result:
+        out["latent_cache_at_least_3x"] = {"value": result["cache_speedup"], "met": result["cache_speedup"] >= 3}
+    if "dit_fraction_of_matmul_peak" in result:
+        value = result["dit_fraction_of_matmul_peak"]
+        out["dit_at_least_half_of_matmul_peak"] = {"value": value, "met": value >= 0.5}
+    if "default_seconds_per_volume" in result:
+        ratio = result["inference"]["default_over_unet_time"]
+        out["default_within_5x_unet_at_equal_dice"] = {
+            "time_ratio": ratio, "default_dice": result["default_dice"], "unet_dice": result["unet_dice"],
+            "met": ratio <= 5 and result["default_dice"] >= result["unet_dice"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    config = MODES[mode]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    out = args.out or RESULTS / ("latest.json" if mode == "full" else f"{mode}.json")
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "device": describe_device(device), "mode": mode, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "precision": _dtype_name(device), "sections": {}, "argv": sys.argv[1:] if argv is None else argv,
+    }
+    print(f"# delinea benchmarks ({mode}) on {result['device']['name']} ({device.type}, "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={result['omp_wait_policy']})\n", flush=True)
+
+    def repeats(section: str) -> int:
+        return args.repeats or config[section]["repeats"]
+
+    def done(section: str, seconds: float) -> None:
+        result["sections"][section] = round(seconds, 1)
+        result["total_seconds"] = round(time.perf_counter() - started, 1)
+        result["targets"] = targets(result)
+        write_json(result, out)
+        print(f"[{section}: {seconds:.0f} s]\n", flush=True)
+
+    if "flops" in args.sections:
+        t0 = time.perf_counter()
+        c = config["flops"]
+        dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (
+            (torch.float32, torch.bfloat16) if cpu_supports_bf16() else (torch.float32,))
+        result["flops"] = flops.run(device, c["preset"], c["latent"], c["batch"], repeats("flops"), dtypes)
+        result["dit_fraction_of_matmul_peak"] = result["flops"]["rows"][0]["fraction_of_peak"]
+        result["dit_fraction_preset"] = f"{c['preset']} {result['flops']['rows'][0]['dtype']}"
+        print_flops(result["flops"])
+        done("flops", time.perf_counter() - t0)
+
+    md = unet = data = None
+    if {"inference", "fastpaths"} & set(args.sections):
+        t0 = time.perf_counter()
+        c = config["inference"]
+        data = models.load_ct(c["resolution"])
+        md, unet, info = models.get_models(data, device, args.checkpoint, args.unet_checkpoint,
+                                           args.train_seconds if args.train_seconds is not None else c["train_seconds"],
+                                           tiny=c.get("tiny", False))
+        result["models"] = info.pop("summary")
+        result["model_details"] = info
+        print(f"Models for sections 2-3: {result['models']}\n", flush=True)
+        result["sections"]["models"] = round(time.perf_counter() - t0, 1)
+
+    if "fastpaths" in args.sections:
+        t0 = time.perf_counter()
+        c = config["fastpaths"]
+        result["fastpaths"] = fastpaths.run(device, md, unet, data, c["preset"], c["resolution"], c["batch"],
+                                            repeats("fastpaths"), compile=c["compile"])
+        print_fastpaths(result["fastpaths"])
+        done("fastpaths", time.perf_counter() - t0)
+
+    if "inference" in args.sections:
+        t0 = time.perf_counter()
+        c = config["inference"]
+        inf = inference.run(md, unet, data, device, repeats("inference"), args.dice_tolerance, c["schedulers"],
+                            c["steps"], c["ensembles"], chunk=c.get("chunk", 16))
+        result["inference"] = inf
+        for key in ("default_sampler", "default_seconds_per_volume", "default_dice", "unet_seconds_per_volume",
+                    "unet_dice"):
+            result[key] = inf[key]
+        print_inference(inf)
+        done("inference", time.perf_counter() - t0)
+
+    if "training" in args.sections:
+        t0 = time.perf_counter()
+        c = config["training"]
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        train = training.run(device, c["presets"], c["resolution"], c["batch_size"], repeats("training"), dtype,
+                             unet_channels=[4, 8, 16] if mode == "tiny" else None)
+        result["training"] = train
+        headline = train["presets"][-1]  # the largest preset measured (B in the full run)
+        result["cache_speedup"] = headline["cache_speedup"]
+        result["cache_speedup_preset"] = f"{headline['preset']} at {headline['resolution']}²"
+        result["cache_speedup_by_preset"] = {p["preset"]: p["cache_speedup"] for p in train["presets"]}
+        print_training(train)
+        done("training", time.perf_counter() - t0)
+
+    print("## Targets\n")
+    for name, value in result["targets"].items():
+        print(f"- {name}: {json.dumps(value)}")
+    print(f"\nWrote {out} ({result['total_seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
