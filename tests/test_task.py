@@ -182,3 +182,17 @@ def test_bad_task_arguments() -> None:
         MedDelineaTask(**{**TINY, "dit": "no/such/dit"})
     with pytest.raises(ValueError, match="control_blocks K=9"):
         MedDelineaTask(**{**TINY, "control_blocks": 9})
+
+
+def test_ema_tracks_the_trainable_weights_and_is_used_for_evaluation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = MedDelineaTask(**_backbone_files(tmp_path), lr=1e-2, ema_decay=0.5)
+    trainer(tmp_path, 3).fit(task, loader())
+    live = task.model.control.zero_linears[0].weight.detach().clone()
+    averaged = task.ema.module["control"].zero_linears[0].weight.detach().clone()
+    assert not torch.equal(live, averaged) and averaged.abs().sum() > 0
+    with task.ema_weights():
+        assert torch.equal(task.model.control.zero_linears[0].weight, averaged)
+    assert torch.equal(task.model.control.zero_linears[0].weight, live)  # trained weights restored
+    assert any(k.startswith("ema.module.control.") for k in task.state_dict())
+    assert not any(k.startswith("trainable.") for k in task.state_dict())

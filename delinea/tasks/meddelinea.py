@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch import nn
 
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
@@ -48,6 +52,8 @@ class MedDelineaTask(SegmentationTask):
             weights that cannot be loaded elsewhere) are always kept.
         latent_cache: folder for cached VAE latents of unaugmented slices (the VAE encoder is frozen).
         zero_image: replace the image latent by zeros (an ablation proving the model reads the image).
+        ema_decay: keep an exponential moving average of the trainable weights (timm's ModelEmaV3, as DiT
+            trains with one) and evaluate, test and predict with it; 0 turns it off.
     """
 
     def __init__(
@@ -71,7 +77,10 @@ class MedDelineaTask(SegmentationTask):
         save_frozen_weights: bool = False,
         latent_cache: str | None = None,
         zero_image: bool = False,
+        ema_decay: float = 0.0,
     ) -> None:
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
         if not 0 < seg_max_timestep <= 1000:
             raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
@@ -99,6 +108,10 @@ class MedDelineaTask(SegmentationTask):
         if hp.init_from:
             self._init_trainable_from(hp.init_from)
         self.latent_cache = LatentCache(hp.latent_cache, self.vae_fingerprint()) if hp.latent_cache else None
+        # The trainable parts under one module for the EMA; not registered, so state_dict keys stay unique.
+        object.__setattr__(self, "trainable", nn.ModuleDict({"control": self.model.control,
+                                                             "head": self.model.vae.head}))
+        self.ema = ModelEmaV3(self.trainable, decay=hp.ema_decay) if hp.ema_decay else None
 
     def _init_trainable_from(self, path: str) -> None:
         checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
@@ -113,6 +126,27 @@ class MedDelineaTask(SegmentationTask):
             raise ValueError(f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
                              f"control_blocks against the checkpoint's hyperparameters")
         self.load_state_dict(wanted, strict=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.trainable, step=self.global_step)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Evaluate with the EMA weights, then put the trained weights back."""
+        if self.ema is None:
+            yield
+            return
+        trained = {k: v.clone() for k, v in self.trainable.state_dict().items()}
+        self.trainable.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.trainable.load_state_dict(trained)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with self.ema_weights():
+            super().validation_step(batch, batch_idx)
 
     def vae_fingerprint(self) -> str:
         """A hash of the frozen encoder weights: cached latents of another VAE are never read."""
@@ -177,6 +211,10 @@ class MedDelineaTask(SegmentationTask):
     @torch.no_grad()
     def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities (N, C, H, W) and uncertainty (N, H, W) of slices, by sampling."""
+        with self.ema_weights():
+            return self._sample(image)
+
+    def _sample(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_latent = self.model.vae.encode(image)
         if self.hparams.zero_image:
             image_latent = torch.zeros_like(image_latent)
