@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from delinea.datamodules.synthetic import write_btcv
+from delinea.datamodules.synthetic import write_btcv, write_dicom_series
 from delinea.main import build_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,24 @@ def test_unet_baseline_through_the_cli(btcv: Path, tmp_path: Path) -> None:
           "--output", str(tmp_path / "test"), "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])
     summary = json.loads((tmp_path / "test" / "metrics_summary.json").read_text())
     assert summary["cases"] >= 1 and "UNetTask" in (tmp_path / "test" / "metrics_table.md").read_text()
+    # A DICOM series of real CT slices predicts into the same labels, in space, as its NIfTI does
+    ct = nib.load(ROOT / "delinea" / "sample" / "images" / "ct.nii.gz").slicer[:, :, 86:94]
+    nib.save(ct, tmp_path / "slab.nii.gz")
+    to_lps = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("LPS"))
+    lps = ct.as_reoriented(to_lps)  # rows and columns as a scanner stores them
+    write_dicom_series(np.asarray(lps.dataobj), lps.affine, tmp_path / "series", intercept=-2048.0)
+    for name, path in (("nifti", tmp_path / "slab.nii.gz"), ("dicom", tmp_path / "series")):
+        main(["predict", "--ckpt", str(checkpoint), "--data", "scan", "--data.path", str(path), "--data.modality",
+              "ct", "--data.resolution", "32", "--output", str(tmp_path / name),
+              "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])
+    from_nifti = nib.as_closest_canonical(nib.load(next((tmp_path / "nifti").glob("*_seg.nii.gz"))))
+    from_dicom = nib.load(next((tmp_path / "dicom").glob("*_seg.nii.gz")))
+    assert nib.aff2axcodes(from_dicom.affine) != ("R", "A", "S")  # stored as the series lies (LPS)
+    from_dicom = nib.as_closest_canonical(from_dicom)
+    labels = np.asarray(from_nifti.dataobj)
+    assert len(np.unique(labels)) > 1
+    assert np.allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+    assert np.array_equal(np.asarray(from_dicom.dataobj), labels)
 
 
 @pytest.mark.parametrize(
