@@ -36,6 +36,30 @@ def bce_dice_loss(logits: torch.Tensor, mask: torch.Tensor, labelled: torch.Tens
     return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def adamw_with_schedule(task: LightningModule) -> dict[str, Any]:
+    """AdamW over a task's trainable parameters only, with a per-step warm-up and decay schedule.
+
+    Reads ``lr``, ``weight_decay``, ``lr_schedule`` (``cosine``/``linear`` decay to zero over the run's
+    optimiser steps, or ``constant``) and ``warmup_steps`` from the task's hyperparameters.
+    """
+    hp = task.hparams
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
+    total = max(1, int(task.trainer.estimated_stepping_batches)) if task._trainer is not None else 1
+    warmup, kind = hp.warmup_steps, hp.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress if kind == "linear" else 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class SegmentationTask(LightningModule):
     """A slice segmentation task: subclasses build their networks in :meth:`configure_models` and implement
     :meth:`losses` (training) and :meth:`predict_probabilities` (inference).
@@ -95,22 +119,7 @@ class SegmentationTask(LightningModule):
                       batch_size=len(batch["image"]))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters only, with a per-step warm-up and decay schedule."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warmup, kind = self.hparams.warmup_steps, self.hparams.lr_schedule
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if kind == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0 - progress if kind == "linear" else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self)
 
     # -- test: slices -> volumes -> 3D metrics and reports --------------------------------------------------
 
