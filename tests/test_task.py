@@ -148,16 +148,24 @@ def test_init_from_copies_control_branch_and_head(tmp_path: Path) -> None:
     run = trainer(tmp_path, 3)
     run.fit(task, loader())
     run.save_checkpoint(tmp_path / "pretrained.ckpt")
-    finetune = MedDelineaTask(**config, init_from=str(tmp_path / "pretrained.ckpt"))
+    finetune = MedDelineaTask(**config, init_from=str(tmp_path / "pretrained.ckpt"), lr=1e-12)
+    fresh_linear = finetune.model.control.zero_linears[0].weight.detach().clone()
+    trainer(tmp_path, 1).fit(finetune, loader(4))  # the weights are loaded when fitting starts
     for key, value in task.state_dict().items():
         if key.startswith(("model.control.", "model.vae.head.")):
-            assert torch.equal(finetune.state_dict()[key], value), key
-    fresh = MedDelineaTask(**config)
-    assert not torch.equal(fresh.model.control.zero_linears[0].weight, finetune.model.control.zero_linears[0].weight)
+            assert torch.allclose(finetune.state_dict()[key], value, atol=1e-6), key
+    assert not torch.equal(fresh_linear, finetune.model.control.zero_linears[0].weight)
     with pytest.raises(ValueError, match="does not fit this model"):
-        MedDelineaTask(**{**config, "control_blocks": 3}, init_from=str(tmp_path / "pretrained.ckpt"))
+        trainer(tmp_path, 1).fit(MedDelineaTask(**{**config, "control_blocks": 3},
+                                                init_from=str(tmp_path / "pretrained.ckpt")), loader(4))
     with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt'"):
-        MedDelineaTask(**config, init_from="missing.ckpt")
+        trainer(tmp_path, 1).fit(MedDelineaTask(**config, init_from="missing.ckpt"), loader(4))
+    # Its own checkpoint loads for testing even once the init_from file is gone
+    run = trainer(tmp_path, 1)
+    run.fit(MedDelineaTask(**config, init_from=str(tmp_path / "pretrained.ckpt")), loader(4))
+    run.save_checkpoint(tmp_path / "finetuned.ckpt")
+    (tmp_path / "pretrained.ckpt").unlink()
+    MedDelineaTask.load_from_checkpoint(tmp_path / "finetuned.ckpt")
 
 
 def test_latent_cache_returns_what_the_encoder_gives(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from torch import nn
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
 from delinea.models.dit import DIT_PRESETS
+from delinea.models.meddelinea import autocast_to
+from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.sampling import make_sampler
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask, bce_dice_loss
@@ -54,6 +56,9 @@ class MedDelineaTask(SegmentationTask):
         zero_image: replace the image latent by zeros (an ablation proving the model reads the image).
         ema_decay: keep an exponential moving average of the trainable weights (timm's ModelEmaV3, as DiT
             trains with one) and evaluate, test and predict with it; 0 turns it off.
+        inference_dtype: precision of sampling in validation, test and predict: ``auto`` (bf16 autocast where the
+            hardware has native bf16, a CUDA GPU or a CPU with AVX512-BF16/AMX; else float32), ``bfloat16`` or
+            ``float32``. The sampler state and the probabilities stay float32 (benchmarks/fastpaths.py).
     """
 
     def __init__(
@@ -78,10 +83,12 @@ class MedDelineaTask(SegmentationTask):
         latent_cache: str | None = None,
         zero_image: bool = False,
         ema_decay: float = 0.0,
+        inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     ) -> None:
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
+        resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype
         if not 0 < seg_max_timestep <= 1000:
             raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
         super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
@@ -105,13 +112,22 @@ class MedDelineaTask(SegmentationTask):
             module.requires_grad_(False)
         self.model.vae.head.requires_grad_(hp.train_head)
         self.frozen_from_files = hp.dit not in DIT_PRESETS and hp.vae not in VAE_SIZES
-        if hp.init_from:
-            self._init_trainable_from(hp.init_from)
         self.latent_cache = LatentCache(hp.latent_cache, self.vae_fingerprint()) if hp.latent_cache else None
         # The trainable parts under one module for the EMA; not registered, so state_dict keys stay unique.
         object.__setattr__(self, "trainable", nn.ModuleDict({"control": self.model.control,
                                                              "head": self.model.vae.head}))
         self.ema = ModelEmaV3(self.trainable, decay=hp.ema_decay) if hp.ema_decay else None
+
+    def on_fit_start(self) -> None:
+        """Fine-tuning: start the control branch and head from ``init_from``, unless resuming this run.
+
+        Done here rather than at construction, so that loading this task's own checkpoint later (test,
+        predict) neither needs the ``init_from`` file nor reads it for weights that are replaced anyway.
+        """
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            self._init_trainable_from(self.hparams.init_from)
+            if self.ema is not None:  # the average starts from the loaded weights
+                self.ema = ModelEmaV3(self.trainable, decay=self.hparams.ema_decay)
 
     def _init_trainable_from(self, path: str) -> None:
         checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
@@ -215,12 +231,15 @@ class MedDelineaTask(SegmentationTask):
             return self._sample(image)
 
     def _sample(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image_latent = self.model.vae.encode(image)
+        dtype = resolve_inference_dtype(self.hparams.get("inference_dtype", "auto"), image.device)
+        with autocast_to(image.device, dtype):
+            image_latent = self.model.vae.encode(image)
         if self.hparams.zero_image:
             image_latent = torch.zeros_like(image_latent)
         generator = torch.Generator(self.device).manual_seed(0)
         return self.model.sample(image, scheduler=self.hparams.sampler, steps=self.hparams.sampling_steps,
-                                 ensemble=self.hparams.ensemble, generator=generator, image_latent=image_latent)
+                                 ensemble=self.hparams.ensemble, generator=generator, image_latent=image_latent,
+                                 dtype=dtype)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

@@ -55,7 +55,11 @@ class UNetTask(SegmentationTask):
         self.model = UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=channels,
                           strides=[2] * (len(channels) - 1), num_res_units=self.hparams.num_res_units,
                           dropout=self.hparams.dropout)
-        if self.hparams.init_from:
+
+    def on_fit_start(self) -> None:
+        """Fine-tuning: start from ``init_from`` when fitting (not resuming); loading this task's own
+        checkpoint later does not need that file."""
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
             self._init_from(self.hparams.init_from)
 
     def _init_from(self, path: str) -> None:
