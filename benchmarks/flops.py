@@ -65,14 +65,14 @@ def run(device: torch.device, preset: str = "DiT-B/2", latent: int = 32, batch: 
             "dtype": str(dtype).removeprefix("torch."),
             "batch": batch,
             "tokens": tokens,
-            "gflop_per_forward": round(flops / 1e9, 3),
+            "gflop_per_forward": round(flops / 1e9, 6),
             "forward_s": round(median(timing["dit"]["seconds"]), 4),
             "dit_gflops": round(median(dit_rates) / 1e9, 2),
             "peak_gflops": round(median(peak_rates) / 1e9, 2),
             "peak_shape": best,
             "matmul_gflops": {name: round(median(r) / 1e9, 2) for name, r in per_shape.items()},
-            "fraction_of_peak": round(median(dit_rates) / median(peak_rates), 3),
-            "fraction_paired": round(median([d / p for d, p in zip(dit_rates, round_peaks)]), 3),
+            "fraction_of_peak": round(median(dit_rates) / median(peak_rates), 5),
+            "fraction_paired": round(median([d / p for d, p in zip(dit_rates, round_peaks)]), 5),
             "runs": repeats,
         })
         if model is not dit:

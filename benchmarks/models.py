@@ -138,7 +138,7 @@ def train_meddelinea(data: CTData, seconds: float, device: torch.device, tiny: b
     """The demo's MedDelinea (control K=3, 128², lr 5e-4) trained for ``seconds`` on the shipped demo backbones."""
     have_backbones = (DEMO_WEIGHTS / "dit" / "config.json").is_file() and (DEMO_WEIGHTS / "vae" / "config.json").is_file()
     if tiny:
-        kwargs = {"dit": "DiT-tiny/2", "vae": "tiny", "control_blocks": 2}
+        kwargs = {"dit": "DiT-tiny/2", "vae": "tiny", "control_blocks": 2, "sampling_steps": 2}
         backbones = "random tiny presets (test size)"
     elif have_backbones:
         kwargs = {"dit": str(DEMO_WEIGHTS / "dit"), "vae": str(DEMO_WEIGHTS / "vae"), "control_blocks": 3}
