@@ -217,11 +217,11 @@ def unet(task: Any, data: CTData, device: torch.device, repeats: int) -> dict[st
 
 def run(device: torch.device, md: Any, unet_task: Any, data: CTData, preset: str = "B", resolution: int = 256,
         batch: int = 4, repeats: int = 3, compile: bool = True, compile_denoiser: bool = False,
-        vae_batch: int = 1) -> dict[str, Any]:
+        vae_batch: int = 1, sample_steps: int = 10) -> dict[str, Any]:
     workloads = {
         "denoiser": denoiser(device, preset, resolution, batch, repeats, compile=compile_denoiser),
         "vae_decode": vae_decode(device, preset, resolution, vae_batch, repeats),
-        "sample": sample(md, data, device, repeats, compile),
+        "sample": sample(md, data, device, repeats, compile, steps=sample_steps),
         "unet": unet(unet_task, data, device, repeats),
     }
     return {"workloads": workloads, "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")}

@@ -52,7 +52,8 @@ SECTIONS = ("flops", "fastpaths", "inference", "training")
 # Sizes per mode. ``full`` is `make bench`; ``quick`` the smoke version; ``tiny`` what tests/test_bench.py runs.
 MODES: dict[str, dict[str, Any]] = {
     "full": {
-        "training": {"presets": ["tiny", "S", "B"], "resolution": 256, "batch_size": 2, "repeats": 3},
+        "training": {"presets": ["tiny", "S", "B"], "resolution": 256, "batch_size": 2, "repeats": 3,
+                     "diff_only": ("B",)},
         "inference": {"resolution": 128, "repeats": 3, "steps": (1, 5, 10, 20, 50), "ensembles": (1, 5),
                       "schedulers": None, "train_seconds": 60.0},
         "fastpaths": {"preset": "B", "resolution": 256, "batch": 4, "repeats": 3, "compile": True},
@@ -60,9 +61,10 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "training": {"presets": ["tiny"], "resolution": 128, "batch_size": 2, "repeats": 3},
-        "inference": {"resolution": 128, "repeats": 2, "steps": (1, 5, 10), "ensembles": (1, 5),
-                      "schedulers": ["euler_ancestral", "ddim", "dpmsolver++"], "train_seconds": 10.0},
-        "fastpaths": {"preset": "tiny", "resolution": 128, "batch": 4, "repeats": 3, "compile": False},
+        "inference": {"resolution": 128, "repeats": 2, "steps": (1, 10), "ensembles": (1, 5),
+                      "schedulers": ["euler_ancestral", "ddim"], "train_seconds": 10.0},
+        "fastpaths": {"preset": "tiny", "resolution": 128, "batch": 4, "repeats": 2, "compile": False,
+                      "sample_steps": 5},
         "flops": {"preset": "DiT-S/2", "latent": 32, "batch": 4, "repeats": 3},
     },
     "tiny": {
@@ -93,6 +95,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default sampler: fastest setting within this mDSC of the best")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/latest.json; "
                         "quick.json with --quick)")
+    parser.add_argument("--update", action="store_true",
+                        help="start from the JSON at --out and replace only the sections run now")
     return parser.parse_args(argv)
 
 
@@ -102,15 +106,13 @@ def _dtype_name(device: torch.device) -> str:
 
 def print_training(result: dict[str, Any]) -> None:
     rows = [row for preset in result["presets"] + result["diff_only"] for row in preset["rows"]]
-    for preset in result["diff_only"]:
-        for row in preset["rows"]:
-            row["preset"] = f"{row['preset']} (L_diff only)"
     print(table(rows, ["preset", "mode", "dit", "vae", "resolution", "batch", "step_s", "slices_per_s",
                        "vs_encode", "peak_mib", "runs"], "1. Training throughput (one optimiser step)"))
-    summary = [{"preset": p["preset"] + (" (L_diff only)" if p in result["diff_only"] else ""),
-                "cache_speedup": p["cache_speedup"], "cache_speedup_of_medians": p["cache_speedup_of_medians"],
-                "cache_step_over_unet_step": p["unet_over_cache"], "trainable_params": p["parameters"]["trainable"],
-                "dit_params": p["parameters"]["dit"], "vae_params": p["parameters"]["vae"]}
+    summary = [{"preset": p["preset"], "cache_speedup": p["cache_speedup"],
+                "cache_speedup_of_medians": p["cache_speedup_of_medians"],
+                "cache_step_over_unet_step": p["unet_over_cache"], "bf16_speedup_of_cache": p["bf16_speedup_of_cache"],
+                "trainable_params": p["parameters"]["trainable"], "dit_params": p["parameters"]["dit"],
+                "vae_params": p["parameters"]["vae"]}
                for p in result["presets"] + result["diff_only"]]
     print(table(summary, list(summary[0]), "1b. Latent cache speedup (paired ratio, same run)"))
     print(f"Peak memory: {result['memory']}\n")
@@ -119,7 +121,8 @@ def print_training(result: dict[str, Any]) -> None:
 def print_inference(result: dict[str, Any]) -> None:
     print(table(result["grid"], ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
                 "2. Inference on the held-out CT slab (one run per setting)"))
-    print(table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "vs_unet", "runs"],
+    print(table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "volume_vs_unet",
+                                     "slice_vs_unet", "runs"],
                 f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), side by side"))
     print(f"Default sampler: {result['default_sampler']} ({result['rule']})\n")
 
@@ -166,9 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = pick_device(args.device)
     out = args.out or RESULTS / ("latest.json" if mode == "full" else f"{mode}.json")
     started = time.perf_counter()
-    result: dict[str, Any] = {
+    result: dict[str, Any] = json.loads(out.read_text()) if args.update and out.is_file() else {"sections": {}}
+    result |= {
         "device": describe_device(device), "mode": mode, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "precision": _dtype_name(device), "sections": {}, "argv": sys.argv[1:] if argv is None else argv,
+        "precision": _dtype_name(device), "argv": sys.argv[1:] if argv is None else argv,
     }
     print(f"# delinea benchmarks ({mode}) on {result['device']['name']} ({device.type}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={result['omp_wait_policy']})\n", flush=True)
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return args.repeats or config[section]["repeats"]
 
     def done(section: str, seconds: float) -> None:
-        result["sections"][section] = round(seconds, 1)
+        result["sections"][section] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                       "load_average": [round(x, 2) for x in os.getloadavg()]}
         result["total_seconds"] = round(time.perf_counter() - started, 1)
         result["targets"] = targets(result)
         write_json(result, out)
@@ -205,13 +210,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["models"] = info.pop("summary")
         result["model_details"] = info
         print(f"Models for sections 2-3: {result['models']}\n", flush=True)
-        result["sections"]["models"] = round(time.perf_counter() - t0, 1)
+        result["sections"]["models"] = {"seconds": round(time.perf_counter() - t0, 1)}
 
     if "fastpaths" in args.sections:
         t0 = time.perf_counter()
         c = config["fastpaths"]
         result["fastpaths"] = fastpaths.run(device, md, unet, data, c["preset"], c["resolution"], c["batch"],
-                                            repeats("fastpaths"), compile=c["compile"])
+                                            repeats("fastpaths"), compile=c["compile"],
+                                            sample_steps=c.get("sample_steps", 10))
         print_fastpaths(result["fastpaths"])
         done("fastpaths", time.perf_counter() - t0)
 
@@ -232,12 +238,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = config["training"]
         dtype = torch.bfloat16 if device.type == "cuda" else None
         train = training.run(device, c["presets"], c["resolution"], c["batch_size"], repeats("training"), dtype,
-                             unet_channels=[4, 8, 16] if mode == "tiny" else None)
+                             unet_channels=[4, 8, 16] if mode == "tiny" else None,
+                             diff_only_presets=c.get("diff_only", ()),
+                             bf16_row=device.type == "cpu" and cpu_supports_bf16())
         result["training"] = train
         headline = train["presets"][-1]  # the largest preset measured (B in the full run)
         result["cache_speedup"] = headline["cache_speedup"]
         result["cache_speedup_preset"] = f"{headline['preset']} at {headline['resolution']}²"
-        result["cache_speedup_by_preset"] = {p["preset"]: p["cache_speedup"] for p in train["presets"]}
+        result["cache_speedup_by_preset"] = {p["preset"]: p["cache_speedup"]
+                                             for p in train["presets"] + train["diff_only"]}
         print_training(train)
         done("training", time.perf_counter() - t0)
 

@@ -4,7 +4,8 @@ Three ways to train, measured side by side in one process on the same batch of r
 
 * ``encode``: MedDelinea encoding image and mask through the frozen VAE every step (``latent_cache=None``);
 * ``cache``: MedDelinea reading both latents from the on-disk latent cache (filled before timing);
-* ``unet``: the MONAI UNet baseline (:class:`~delinea.tasks.UNetTask`, default channels 16..256).
+* ``unet``: the MONAI UNet baseline (:class:`~delinea.tasks.UNetTask`, default channels 16..256);
+* ``cache_bf16`` (CPUs with native bf16): the cached mode under bf16 autocast, i.e. ``precision: bf16-mixed``.
 
 One step is ``task.losses(batch)`` + ``backward`` + ``AdamW.step`` (the data loader is not timed: see
 ``benchmarks/loader.py``). Both MedDelinea modes use the same task object and draw the same timesteps and noise
@@ -104,8 +105,9 @@ def _stepper(task: torch.nn.Module, batch: dict[str, Any], device: torch.device,
 
 def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batch_size: int = 2,
                repeats: int = 3, dtype: torch.dtype | None = None, unet_channels: list[int] | None = None,
-               seg_loss_weight: float = 1.0) -> dict[str, Any]:
-    """Slices/s and peak memory of the three modes for one preset, measured side by side."""
+               seg_loss_weight: float = 1.0, bf16_row: bool = False) -> dict[str, Any]:
+    """Slices/s and peak memory of the three modes for one preset, measured side by side; ``bf16_row`` adds
+    ``cache_bf16``, the cached mode under bf16 autocast (Lightning's ``precision: bf16-mixed``)."""
     torch.manual_seed(0)
     batch = sample_batch(resolution, batch_size)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -119,6 +121,7 @@ def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batc
         unet.train()
         seed = balanced_seed(batch_size, task.hparams.seg_max_timestep, device)
         step_md = _stepper(task, batch, device, dtype, seed)
+        step_md_bf16 = _stepper(task, batch, device, torch.bfloat16, seed)
         step_unet = _stepper(unet, batch, device, dtype)
 
         def encode() -> float:
@@ -129,24 +132,30 @@ def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batc
             task.latent_cache = cache
             return step_md()
 
+        def cached_bf16() -> float:
+            task.latent_cache = cache
+            return step_md_bf16()
+
         # Warm-up: one cached step fills the cache (all misses: it encodes, as the encode mode does), one step
         # each of the others builds the kernels and the optimizer state before the memory baseline.
+        modes = {"encode": encode, "cache": cached} | ({"cache_bf16": cached_bf16} if bf16_row else {})
+        modes["unet"] = step_unet
         cached()
-        encode()
-        step_unet()
+        for fn in modes.values():
+            fn()
         hits_before = cache.cache.hits
-        timing = side_by_side({"encode": encode, "cache": cached, "unet": step_unet}, device, repeats=repeats,
-                              warmup=0, memory=True)
+        timing = side_by_side(modes, device, repeats=repeats, warmup=0, memory=True)
         hits = cache.cache.hits - hits_before
         seg_max = int(task.hparams.seg_max_timestep)
         params = {"dit": count_parameters(task.model.dit), "vae": count_parameters(task.model.vae.vae),
                   "trainable": count_parameters(task, trainable_only=True), "unet": count_parameters(unet)}
         del task, unet
+    label = preset.name + (" (L_diff only)" if seg_loss_weight == 0 else "")
     rows = []
-    for mode in ("encode", "cache", "unet"):
+    for mode in timing:
         seconds = timing[mode]["seconds"]
         rows.append({
-            "preset": preset.name if mode != "unet" else "UNet",
+            "preset": label if mode != "unet" else "UNet",
             "mode": mode,
             "dit": preset.dit if mode != "unet" else "–",
             "vae": preset.vae if mode != "unet" else "–",
@@ -159,11 +168,13 @@ def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batc
             "runs": len(seconds),
         })
     return {
-        "preset": preset.name, "dit": preset.dit, "vae": preset.vae, "control_blocks": preset.control_blocks,
+        "preset": label, "dit": preset.dit, "vae": preset.vae, "control_blocks": preset.control_blocks,
         "resolution": resolution, "batch": batch_size, "parameters": params, "rows": rows,
         "cache_speedup": round(paired_ratio(timing["encode"]["seconds"], timing["cache"]["seconds"]), 3),
         "cache_speedup_of_medians": round(median(timing["encode"]["seconds"]) / median(timing["cache"]["seconds"]), 3),
         "unet_over_cache": round(paired_ratio(timing["cache"]["seconds"], timing["unet"]["seconds"]), 3),
+        "bf16_speedup_of_cache": (round(paired_ratio(timing["cache"]["seconds"], timing["cache_bf16"]["seconds"]), 3)
+                                  if "cache_bf16" in timing else None),
         "cache_hits_in_timed_steps": hits, "seg_loss_weight": seg_loss_weight,
         "timesteps_below_seg_max": f"{round(batch_size * seg_max / 1000)} of {batch_size}",
     }
@@ -171,10 +182,10 @@ def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batc
 
 def run(device: torch.device, presets: list[str], resolution: int = 256, batch_size: int = 2, repeats: int = 3,
         dtype: torch.dtype | None = None, unet_channels: list[int] | None = None,
-        diff_only_presets: tuple[str, ...] = ()) -> dict[str, Any]:
+        diff_only_presets: tuple[str, ...] = (), bf16_row: bool = False) -> dict[str, Any]:
     """Every preset's table; ``diff_only_presets`` are measured again with L_diff only (seg_loss_weight 0)."""
-    results = [run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels)
-               for p in presets]
+    results = [run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels,
+                          bf16_row=bf16_row) for p in presets]
     extra = [run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels,
                         seg_loss_weight=0.0) for p in diff_only_presets]
     return {"presets": results, "diff_only": extra, "memory": memory_method(device),
