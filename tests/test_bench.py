@@ -22,6 +22,18 @@ REQUIRED = ("cache_speedup", "dit_fraction_of_matmul_peak", "default_sampler", "
             "default_dice", "unet_seconds_per_volume", "unet_dice", "device", "models")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run tiny tensors: with 2 OpenMP threads spinning on a shared, loaded machine they took 6 s
+    each instead of 0.1 s (OMP_WAIT_POLICY is read once, when torch loads, so a test cannot set it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _numbers(value: object) -> list[float]:
     if isinstance(value, bool):
         return []
