@@ -14,7 +14,8 @@ Sections (each prints markdown tables; the JSON is rewritten after each one):
 3. ``fastpaths``: SDPA, bf16, channels_last, inference_mode, torch.compile, each against fp32 eager in the
    same run (benchmarks/fastpaths.py);
 4. ``flops``: achieved FLOP/s of the DiT-B/2 forward against a matmul peak measured in the same run
-   (benchmarks/flops.py).
+   (benchmarks/flops.py);
+5. ``threads`` (only when asked for): OpenMP wait policy x threads, each in its own process (benchmarks/threads.py).
 
 Figures are medians of several timed runs; comparisons are ratios of runs interleaved in this one process
 (benchmarks/common.py). On CUDA the same script runs with bf16 autocast and flash attention.
@@ -43,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import torch  # noqa: E402
 
-from benchmarks import fastpaths, flops, inference, models, training  # noqa: E402
+from benchmarks import fastpaths, flops, inference, models, threads, training  # noqa: E402
 from benchmarks.common import cpu_supports_bf16, describe_device, pick_device, table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("flops", "fastpaths", "inference", "training")
+SECTIONS = ("flops", "fastpaths", "inference", "training")  # the default; "threads" is optional
 
 # Sizes per mode. ``full`` is `make bench`; ``quick`` the smoke version; ``tiny`` what tests/test_bench.py runs.
 MODES: dict[str, dict[str, Any]] = {
@@ -82,7 +83,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test sizes (tests/test_bench.py)
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=(*SECTIONS, "threads"), default=list(SECTIONS),
+                        help="sections to run (default: the four of the issue; 'threads' measures OpenMP's wait "
+                        "policy and thread count in separate processes)")
     parser.add_argument("--checkpoint", help="MedDelinea checkpoint for section 2 (default: demo/meddelinea_ct.ckpt "
                         "if make demo ran, else a control branch trained here for --train-seconds)")
     parser.add_argument("--unet-checkpoint", help="UNet checkpoint for section 2 (default: the demo's, else trained)")
@@ -249,6 +252,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                              for p in train["presets"] + train["diff_only"]}
         print_training(train)
         done("training", time.perf_counter() - t0)
+
+    if "threads" in args.sections:
+        t0 = time.perf_counter()
+        result["threads"] = threads.run(repeats=args.repeats or 5)
+        print(table(result["threads"]["rows"], ["omp_wait_policy", "threads", "load_average", "unet_step",
+                                                "unet_step_speedup", "vae_encode", "vae_encode_speedup"],
+                    "OpenMP wait policy and threads (separate processes, one after the other)"))
+        done("threads", time.perf_counter() - t0)
 
     print("## Targets\n")
     for name, value in result["targets"].items():
