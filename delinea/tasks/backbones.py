@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset
 
 from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, PALETTE, mask_to_rgb, rgb_to_mask
-from delinea.models.dit import DIT_PRESETS, build_dit, load_dit, save_dit
+from delinea.models.dit import DIT_PRESETS, build_dit, load_weights, read_weights, save_dit
 from delinea.models.sampling import DIT_SCHEDULE, training_scheduler
 from delinea.models.vae import MaskVAE, load_vae, save_vae
 
@@ -138,10 +138,38 @@ def synthetic_mask(resolution: int, generator: torch.Generator | None = None, sh
     return mask
 
 
+def random_affine(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None,
+                  rotate: float = 15.0, scale: float = 0.15, shear: float = 0.1, translate: float = 0.06,
+                  zoom: tuple[float, float] = (1.0, 1.33)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random 2D affine warp of an image (C, H, W) and its mask (H, W): rotation (degrees), anisotropic
+    scale, shear, translation (share of the size) and a zoom-in like a random crop resized back. Bilinear for
+    the image with border padding (air stays air), nearest for the mask with background outside. No flips:
+    left stays left (DESIGN.md section 2). Plain torch on one slice: far cheaper than MONAI's per-sample
+    transforms, which matters on two CPU cores."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    angle = math.radians(uniform(-rotate, rotate))
+    zoom_in = uniform(*zoom)
+    sx, sy = (uniform(1 - scale, 1 + scale) * zoom_in for _ in range(2))
+    shx, shy = uniform(-shear, shear), uniform(-shear, shear)
+    cos, sin = math.cos(angle), math.sin(angle)
+    # output -> input sampling matrix in normalised coordinates: R(angle) @ Shear @ diag(1/s)
+    rot = torch.tensor([[cos, -sin], [sin, cos]])
+    sh = torch.tensor([[1.0, shx], [shy, 1.0]])
+    linear = rot @ sh @ torch.diag(torch.tensor([1 / sx, 1 / sy]))
+    offset = torch.tensor([uniform(-2 * translate, 2 * translate), uniform(-2 * translate, 2 * translate)])
+    theta = torch.cat([linear, offset[:, None]], 1)[None].float()  # (1, 2, 3)
+    grid = F.affine_grid(theta, [1, 1, *image.shape[-2:]], align_corners=False)
+    image = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return image, mask[0, 0].round().long()
+
+
 class AugmentedSlices(Dataset):
-    """``length`` random draws from in-memory slices, each with the datamodules' spatial augmentation
-    (:func:`delinea.datamodules.transforms.augmentation`: crop, affine, elastic, no left-right flip) and
-    :func:`intensity_augment` of the image; a ``synthetic`` share of the masks is replaced by
+    """``length`` random draws from in-memory slices, each warped by :func:`random_affine` (image and mask
+    together) with :func:`intensity_augment` of the image; a ``synthetic`` share of the masks is replaced by
     :func:`synthetic_mask`. With ``augment=False`` it serves the slices as they are, in order.
 
     Items follow the datamodule batch contract: ``image`` (1, R, R) float, ``mask`` (R, R) int64.
@@ -155,7 +183,6 @@ class AugmentedSlices(Dataset):
         self.images, self.masks = images, masks
         self.length = int(length) if length is not None else len(images)
         self.augment, self.synthetic, self.seed = augment, float(synthetic), seed
-        self._transform = None
 
     def __len__(self) -> int:
         return self.length
@@ -164,19 +191,11 @@ class AugmentedSlices(Dataset):
         if not self.augment:
             k = index % len(self.images)
             return {"image": self.images[k], "mask": self.masks[k], "slice": k}
-        from delinea.datamodules.transforms import augmentation
-
         # A fixed seed makes item ``index`` the same draw every time (validation copies); else fresh draws.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index) if self.seed is not None else None
-        if self._transform is None:
-            self._transform = augmentation(self.images.shape[-1])
-        if self.seed is not None:
-            self._transform.set_random_state(seed=int(torch.randint(0, 2**31, (), generator=generator)))
         k = int(torch.randint(0, len(self.images), (), generator=generator))
-        out = self._transform({"image": self.images[k].clone(), "mask": self.masks[k][None].float()})
-        image = _plain(out["image"]).float().clamp(-1, 1)
-        mask = _plain(out["mask"])[0].round().long()
-        image = intensity_augment(image, generator)
+        image, mask = random_affine(self.images[k], self.masks[k], generator)
+        image = intensity_augment(image.clamp(-1, 1), generator)
         if self.synthetic and float(torch.rand((), generator=generator)) < self.synthetic:
             mask = synthetic_mask(mask.shape[-1], generator)
         return {"image": image.contiguous(), "mask": mask.contiguous(), "slice": k}
@@ -324,18 +343,35 @@ def codec_ceiling(vae: AutoencoderKL | MaskVAE | Any, masks: torch.Tensor, batch
 
 
 class _BackboneTask(LightningModule):
-    """AdamW with warm-up and cosine/linear/constant decay over the run; export after training."""
+    """AdamW with warm-up and cosine/linear/constant decay over the run; export after training.
+
+    With ``anneal_seconds`` the decay's progress is the larger of the step share and the share of that many
+    seconds of training: a run cut by ``Trainer(max_time=...)`` on a busy CPU still ends annealed (at the cost
+    of a schedule that depends on the machine's speed).
+    """
+
+    _started: float | None = None
+
+    def on_train_start(self) -> None:
+        import time
+
+        self._started = time.monotonic()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        import time
+
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup, kind = self.hparams.warmup_steps, self.hparams.lr_schedule
+        seconds = self.hparams.get("anneal_seconds")
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if seconds and self._started is not None:
+                progress = max(progress, min(1.0, (time.monotonic() - self._started) / seconds))
             if kind == "cosine":
                 return 0.5 * (1 + math.cos(math.pi * progress))
             return 1.0 - progress if kind == "linear" else 1.0
@@ -387,6 +423,16 @@ def build_demo_vae(block_out_channels: Sequence[int] = (32, 64, 64), layers_per_
     )
 
 
+def random_crops(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An independent random ``size`` square of every slice: images (B, C, H, W), masks (B, H, W)."""
+    height, width = mask.shape[-2:]
+    tops = torch.randint(0, height - size + 1, (len(mask),)).tolist()
+    lefts = torch.randint(0, width - size + 1, (len(mask),)).tolist()
+    image = torch.stack([x[:, t : t + size, l : l + size] for x, t, l in zip(image, tops, lefts)])
+    mask = torch.stack([m[t : t + size, l : l + size] for m, t, l in zip(mask, tops, lefts)])
+    return image, mask
+
+
 def palette_logits(rgb: torch.Tensor, tau: float) -> torch.Tensor:
     """Class logits ``-|rgb - p_c|^2 / tau`` of an RGB image (N, 3, H, W): (N, C, H, W); argmax = nearest palette."""
     palette = PALETTE.to(rgb.device, rgb.dtype)
@@ -424,6 +470,12 @@ class VAEPretrainTask(_BackboneTask):
         kl_weight: weight of the KL divergence per latent element.
         tau: temperature of the palette logits (palette colours are >= 3 apart in squared distance).
         class_weights: cross-entropy weight per class (9 values), e.g. inverse square-root frequencies.
+        crop_size: train on a random ``crop_size`` square of every slice (the networks are convolutional but for
+            the latent attention): the same pixels per second, four times the steps at half the size.
+        images_per_batch: images of each batch that are reconstructed (all its masks are); None: all. Masks
+            carry the codec ceiling; images only need an informative latent.
+        anneal_seconds: also decay the learning rate by wall time, reaching the end after this many seconds.
+        init_from: a VAE folder (``save_vae``) of the same architecture whose weights start this run.
         export_dir: diffusers folder written at the end of training (None: no export).
         overwrite: allow ``export_dir`` to replace an existing non-empty folder.
     """
@@ -445,11 +497,22 @@ class VAEPretrainTask(_BackboneTask):
         kl_weight: float = 1e-5,
         tau: float = 0.5,
         class_weights: list[float] | None = None,
+        crop_size: int | None = None,
+        images_per_batch: int | None = None,
+        anneal_seconds: float | None = None,
+        init_from: str | None = None,
         export_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
         super().__init__()
         _check_schedule(lr, warmup_steps, lr_schedule)
+        if init_from is not None and not (Path(init_from) / "config.json").is_file():
+            raise FileNotFoundError(f"init_from {init_from} is not a diffusers AutoencoderKL folder (no config.json)")
+        factor = 2 ** (len(block_out_channels) - 1)
+        if crop_size is not None and (crop_size < factor or crop_size % factor):
+            raise ValueError(f"crop_size {crop_size} must be a positive multiple of the VAE factor {factor}")
+        if images_per_batch is not None and images_per_batch < 0:
+            raise ValueError(f"images_per_batch must be non-negative or None, got {images_per_batch}")
         if class_weights is not None and len(class_weights) != NUM_CLASSES:
             raise ValueError(f"class_weights needs {NUM_CLASSES} values, got {len(class_weights)}")
         if tau <= 0:
@@ -463,6 +526,8 @@ class VAEPretrainTask(_BackboneTask):
             return
         hp = self.hparams
         self.vae = build_demo_vae(hp.block_out_channels, hp.layers_per_block, hp.norm_num_groups, hp.latent_channels)
+        if hp.init_from:
+            load_weights(self.vae, read_weights(Path(hp.init_from)), source=hp.init_from)
         weights = torch.ones(NUM_CLASSES) if hp.class_weights is None else torch.tensor(hp.class_weights).float()
         self.register_buffer("class_weights", weights, persistent=False)
         self._organ_counts: torch.Tensor | None = None
@@ -475,15 +540,20 @@ class VAEPretrainTask(_BackboneTask):
         """The loss terms of a batch; ``loss`` is their weighted sum."""
         hp = self.hparams
         image, mask = batch["image"], batch["mask"]
+        if self.training and hp.crop_size is not None and hp.crop_size < mask.shape[-1]:
+            image, mask = random_crops(image, mask, hp.crop_size)
+        if hp.images_per_batch is not None:
+            image = image[: hp.images_per_batch]
         n = image.shape[0]
         grey = image.expand(-1, 3, -1, -1)
         target_rgb = mask_to_rgb(mask).to(grey.dtype)
         posterior = self.vae.encode(torch.cat([grey, target_rgb])).latent_dist
         decoded = self.vae.decode(posterior.sample()).sample.float()  # (2B, 3, H, W)
         image_hat, mask_rgb = decoded[:n], decoded[n:]
+        zero = decoded.sum() * 0
         out = {
-            "image_l1": F.l1_loss(image_hat, grey),
-            "image_mse": F.mse_loss(image_hat, grey),
+            "image_l1": F.l1_loss(image_hat, grey) if n else zero,
+            "image_mse": F.mse_loss(image_hat, grey) if n else zero,
             "mask_mse": F.mse_loss(mask_rgb, target_rgb),
         }
         logits = palette_logits(mask_rgb, hp.tau)  # (B, C, H, W)
@@ -576,6 +646,7 @@ class DiTPretrainTask(_BackboneTask):
         warmup_steps: linear warm-up steps.
         noise_repeats: noise draws per encoded latent in a batch.
         ema_decay: decay of an EMA of the DiT weights, exported instead of the raw weights; None: no EMA.
+        anneal_seconds: also decay the learning rate by wall time, reaching the end after this many seconds.
         export_dir: diffusers folder written at the end of training (None: no export).
         overwrite: allow ``export_dir`` to replace an existing non-empty folder.
     """
@@ -592,6 +663,7 @@ class DiTPretrainTask(_BackboneTask):
         warmup_steps: int = 50,
         noise_repeats: int = 4,
         ema_decay: float | None = 0.995,
+        anneal_seconds: float | None = None,
         export_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
