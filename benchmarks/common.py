@@ -234,9 +234,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if value != 0 and (abs(value) >= 10**5 or abs(value) < 10 ** -(digits)):
+        if value != 0 and abs(value) < 10 ** -(digits):
             return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.common import median, paired_ratio, side_by_side, summary, sync
 from benchmarks.models import CTData, slab_dice
+from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.sampling import SCHEDULERS
 from delinea.tasks.volumes import VolumeAssembler
 
@@ -121,7 +122,7 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
                         ("task_default", f"MedDelinea, task's current default {current}"), ("unet", "UNet")):
         if name not in slab:
             continue
-        dice = {"default": default["mDSC"], "unet": unet_dice["mDSC"],
+        dice = {"default": default["mDSC"], "unet": round(unet_dice["mDSC"], 4),
                 "task_default": current_row["mDSC"] if current_row else None}[name]
         row = {"model": label, "s_per_slice": round(median(slab[name]["seconds"]) / n, 5), "mDSC": dice,
                "slice_vs_unet": round(paired_ratio(slab[name]["seconds"], slab["unet"]["seconds"]), 2),
@@ -146,6 +147,8 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
         "unet_organs": {o: round(v, 4) for o, v in unet_dice["organs"].items()},
         "default_over_unet_time": round(paired_ratio(timing["default"]["seconds"], timing["unet"]["seconds"]), 3),
         "headline": headline,
+        "inference_dtype": f"{md.hparams.get('inference_dtype', 'auto')} -> "
+                           f"{resolve_inference_dtype(md.hparams.get('inference_dtype', 'auto'), device) or 'caller'}",
         "volume_slices": int(data.case.image.shape[2]),
         "resolution": data.resolution,
         "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),

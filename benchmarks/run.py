@@ -107,45 +107,75 @@ def _dtype_name(device: torch.device) -> str:
     return "bfloat16 autocast" if device.type == "cuda" else "float32"
 
 
-def print_training(result: dict[str, Any]) -> None:
+def render_training(result: dict[str, Any]) -> str:
     rows = [row for preset in result["presets"] + result["diff_only"] for row in preset["rows"]]
-    print(table(rows, ["preset", "mode", "dit", "vae", "resolution", "batch", "step_s", "slices_per_s",
-                       "vs_encode", "peak_mib", "runs"], "1. Training throughput (one optimiser step)"))
+    text = table(rows, ["preset", "mode", "dit", "vae", "resolution", "batch", "step_s", "slices_per_s",
+                        "vs_encode", "peak_mib", "runs"], "1. Training throughput (one optimiser step)")
     summary = [{"preset": p["preset"], "cache_speedup": p["cache_speedup"],
                 "cache_speedup_of_medians": p["cache_speedup_of_medians"],
                 "cache_step_over_unet_step": p["unet_over_cache"], "bf16_speedup_of_cache": p["bf16_speedup_of_cache"],
                 "trainable_params": p["parameters"]["trainable"], "dit_params": p["parameters"]["dit"],
                 "vae_params": p["parameters"]["vae"]}
                for p in result["presets"] + result["diff_only"]]
-    print(table(summary, list(summary[0]), "1b. Latent cache speedup (paired ratio, same run)"))
-    print(f"Peak memory: {result['memory']}\n")
+    text += "\n" + table(summary, list(summary[0]), "1b. Latent cache speedup (paired ratio, same run)")
+    return text + f"\nstep_s: median seconds of one step; vs_encode: paired ratio to the encode mode. Peak memory: " \
+                  f"{result['memory']}.\n"
 
 
-def print_inference(result: dict[str, Any]) -> None:
-    print(table(result["grid"], ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
-                "2. Inference on the held-out CT slab (one run per setting)"))
-    print(table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "volume_vs_unet",
-                                     "slice_vs_unet", "runs"],
-                f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), side by side"))
-    print(f"Default sampler: {result['default_sampler']} ({result['rule']})\n")
+def render_inference(result: dict[str, Any]) -> str:
+    text = table(result["grid"], ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
+                 "2. Inference on the held-out CT slab (one run per setting)")
+    text += "\n" + table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "volume_vs_unet",
+                                              "slice_vs_unet", "runs"],
+                         f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), "
+                         "side by side")
+    return text + f"\nDefault sampler: {result['default_sampler']} ({result['rule']}). Precision: " \
+                  f"{result.get('inference_dtype', '?')}.\n"
 
 
-def print_fastpaths(result: dict[str, Any]) -> None:
-    for name, workload in result["workloads"].items():
+def render_fastpaths(result: dict[str, Any]) -> str:
+    text = ""
+    for workload in result["workloads"].values():
         columns = ["variant", "seconds", "speedup", "runs"]
         columns += ["agreement", "mDSC"] if "agreement" in workload["rows"][0] else ["max_rel_diff"]
         title = f"3. Fast paths: {workload['workload']}"
         if "compile_seconds" in workload:
             title += f" (compile took {workload['compile_seconds']} s)"
-        print(table(workload["rows"], columns, title))
+        text += table(workload["rows"], columns, title) + "\n"
         if "attention_processors" in workload:
-            print(f"Attention processors in the blocks: {', '.join(workload['attention_processors'])}\n")
+            text += f"Attention processors in the blocks: {', '.join(workload['attention_processors'])}\n\n"
+    return text
 
 
-def print_flops(result: dict[str, Any]) -> None:
-    print(table(result["rows"], ["preset", "dtype", "batch", "tokens", "gflop_per_forward", "forward_s",
-                                 "dit_gflops", "peak_gflops", "peak_shape", "fraction_of_peak", "fraction_paired",
-                                 "runs"], "4. DiT forward against the matmul peak"))
+def render_flops(result: dict[str, Any]) -> str:
+    return table(result["rows"], ["preset", "dtype", "batch", "tokens", "gflop_per_forward", "forward_s",
+                                  "dit_gflops", "peak_gflops", "peak_shape", "fraction_of_peak", "fraction_paired",
+                                  "runs"], "4. DiT forward against the matmul peak")
+
+
+def render_threads(result: dict[str, Any]) -> str:
+    return table(result["rows"], ["omp_wait_policy", "threads", "load_average", "unet_step", "unet_step_speedup",
+                                  "vae_encode", "vae_encode_speedup"],
+                 "5. OpenMP wait policy and threads (separate processes, one after the other)")
+
+
+RENDER = {"training": render_training, "inference": render_inference, "fastpaths": render_fastpaths,
+          "flops": render_flops, "threads": render_threads}
+
+
+def render(result: dict[str, Any]) -> str:
+    """The whole report as markdown (what `make bench` printed, for every section in the JSON)."""
+    device = result["device"]
+    lines = [f"# delinea benchmarks ({result['mode']})", "",
+             f"Device: {device['name']} ({device['type']}, {device['threads']} threads, "
+             f"OMP_WAIT_POLICY={result['omp_wait_policy']}); models for sections 2-3: {result.get('models', '–')}.",
+             "Figures are medians of the runs given; ratios are paired ratios of runs interleaved in one process.", ""]
+    for section in ("training", "inference", "fastpaths", "flops", "threads"):
+        if section in result:
+            lines.append(RENDER[section](result[section]))
+    lines.append("## Targets\n")
+    lines += [f"- {name}: {json.dumps(value)}" for name, value in result.get("targets", {}).items()]
+    return "\n".join(lines) + "\n"
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["total_seconds"] = round(time.perf_counter() - started, 1)
         result["targets"] = targets(result)
         write_json(result, out)
+        out.with_suffix(".md").write_text(render(result))
         print(f"[{section}: {seconds:.0f} s]\n", flush=True)
 
     if "flops" in args.sections:
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["flops"] = flops.run(device, c["preset"], c["latent"], c["batch"], repeats("flops"), dtypes)
         result["dit_fraction_of_matmul_peak"] = result["flops"]["rows"][0]["fraction_of_peak"]
         result["dit_fraction_preset"] = f"{c['preset']} {result['flops']['rows'][0]['dtype']}"
-        print_flops(result["flops"])
+        print(render_flops(result["flops"]))
         done("flops", time.perf_counter() - t0)
 
     md = unet = data = None
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["fastpaths"] = fastpaths.run(device, md, unet, data, c["preset"], c["resolution"], c["batch"],
                                             repeats("fastpaths"), compile=c["compile"],
                                             sample_steps=c.get("sample_steps", 10))
-        print_fastpaths(result["fastpaths"])
+        print(render_fastpaths(result["fastpaths"]))
         done("fastpaths", time.perf_counter() - t0)
 
     if "inference" in args.sections:
@@ -233,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("default_sampler", "default_seconds_per_volume", "default_dice", "unet_seconds_per_volume",
                     "unet_dice"):
             result[key] = inf[key]
-        print_inference(inf)
+        print(render_inference(inf))
         done("inference", time.perf_counter() - t0)
 
     if "training" in args.sections:
@@ -250,21 +281,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["cache_speedup_preset"] = f"{headline['preset']} at {headline['resolution']}²"
         result["cache_speedup_by_preset"] = {p["preset"]: p["cache_speedup"]
                                              for p in train["presets"] + train["diff_only"]}
-        print_training(train)
+        print(render_training(train))
         done("training", time.perf_counter() - t0)
 
     if "threads" in args.sections:
         t0 = time.perf_counter()
         result["threads"] = threads.run(repeats=args.repeats or 5)
-        print(table(result["threads"]["rows"], ["omp_wait_policy", "threads", "load_average", "unet_step",
-                                                "unet_step_speedup", "vae_encode", "vae_encode_speedup"],
-                    "OpenMP wait policy and threads (separate processes, one after the other)"))
+        print(render_threads(result["threads"]))
         done("threads", time.perf_counter() - t0)
 
     print("## Targets\n")
     for name, value in result["targets"].items():
         print(f"- {name}: {json.dumps(value)}")
-    print(f"\nWrote {out} ({result['total_seconds']:.0f} s)")
+    print(f"\nWrote {out} and {out.with_suffix('.md')} ({result['total_seconds']:.0f} s)")
     return result
 
 
