@@ -15,9 +15,11 @@ class ControlDiT(nn.Module):
     """K copied DiT blocks over ``Z_ct = concat(Z_mt, zero_conv(Z_o))``, one zero Linear per block.
 
     Initialisation guarantees that the steered DiT's output equals the base DiT's exactly: every residual passes
-    through a zero Linear. The image latent ``Z_o`` enters through a zero 1x1 conv (the paper's zero conv); its
-    half of the patch embedding is a copy of the base patch embedding, not zero. Were both zero, each would
-    receive a zero gradient through the other forever and the model would never see the image.
+    through a zero Linear, and the ``Z_o`` half of the patch embedding starts at zero (the ``Z_mt`` half is the
+    base patch embedding). The image latent enters through a 1x1 conv (the paper's zero conv) that starts as
+    the identity: were it zero as well, conv and patch weights would each get a zero gradient through the other
+    forever and the model would never see the image. Starting the wide patch weights at zero rather than the
+    4x4 conv also lets the image signal grow fast: every patch weight learns at once.
 
     Args:
         base: the frozen base DiT to copy blocks and patch embedding from.
@@ -32,13 +34,15 @@ class ControlDiT(nn.Module):
         channels = base.config.in_channels
         hidden = base.inner_dim
         self.zero_conv = nn.Conv2d(channels, channels, kernel_size=1)
-        nn.init.zeros_(self.zero_conv.weight)  # zero-initialised: Z_o starts silent
-        nn.init.zeros_(self.zero_conv.bias)
+        with torch.no_grad():
+            self.zero_conv.weight.copy_(torch.eye(channels)[:, :, None, None])  # identity (see above)
+            nn.init.zeros_(self.zero_conv.bias)
         self.patch_embed = copy.deepcopy(base.pos_embed)
         old = base.pos_embed.proj
         self.patch_embed.proj = nn.Conv2d(2 * channels, hidden, old.kernel_size, old.stride)
         with torch.no_grad():
-            self.patch_embed.proj.weight.copy_(old.weight.repeat(1, 2, 1, 1))  # Z_mt half and Z_o half
+            self.patch_embed.proj.weight.zero_()  # Z_o half: zero, Z_o starts silent
+            self.patch_embed.proj.weight[:, :channels].copy_(old.weight)  # Z_mt half: the base's
             self.patch_embed.proj.bias.copy_(old.bias)
         self.blocks = nn.ModuleList(copy.deepcopy(base.transformer_blocks[i]) for i in range(num_blocks))
         for block in self.blocks:
