@@ -55,20 +55,32 @@ def fit(argv: list[str]) -> None:
 def quality(out: str, weights: str = "delinea/weights/demo", root: str = "delinea/sample") -> dict:
     from delinea.models.dit import load_dit
     from delinea.models.vae import MaskVAE, load_vae
-    from delinea.tasks.backbones import (CT_HELD_OUT, CT_ORGAN_SLICES, codec_ceiling, held_out_ct, load_slices,
+    from delinea.tasks.backbones import (CT_HELD_OUT, CT_ORGAN_SLICES, codec_ceiling, denoising_dice, held_out_ct,
+                                         load_slices,
                                          sample_masks, sample_statistics)
     from delinea.labels import NUM_CLASSES
     from delinea.models.sampling import training_scheduler
 
     vae = MaskVAE(load_vae(Path(weights) / "vae"), NUM_CLASSES).eval()
-    _, slab = held_out_ct(root)
-    _, train, train_z = load_slices(root, "ct", "ct", CT_ORGAN_SLICES, CT_HELD_OUT, only_foreground=True)
-    _, mr, _ = load_slices(root, "mr", "mr")
+    slab_images, slab = held_out_ct(root)
+    train_images, train, train_z = load_slices(root, "ct", "ct", CT_ORGAN_SLICES, CT_HELD_OUT, only_foreground=True)
+    mr_images, mr, _ = load_slices(root, "mr", "mr")
+
+    @torch.no_grad()
+    def image_error(images: torch.Tensor) -> dict:
+        recon = torch.cat([vae.decode_rgb(vae.encode(images[i:i + 16])).mean(1, keepdim=True)
+                           for i in range(0, len(images), 16)]).clamp(-1, 1)
+        mse = float(((recon - images) ** 2).mean())
+        # PSNR with the [-1, 1] range (peak-to-peak 2)
+        return {"l1": float((recon - images).abs().mean()), "psnr_db": 10 * float(torch.log10(torch.tensor(4 / mse)))}
+
     result: dict = {
         "protocol": {"resolution": 128, "ct_held_out_slab": list(CT_HELD_OUT), "ct_train_slices": train_z,
                      "mr_slices": "all 20 (never trained on)"},
         "codec_ceiling": {"ct_held_out_slab": codec_ceiling(vae, slab), "mr_all": codec_ceiling(vae, mr),
                           "ct_train": codec_ceiling(vae, train)},
+        "image_reconstruction": {"ct_held_out_slab": image_error(slab_images), "mr_all": image_error(mr_images),
+                                 "ct_train": image_error(train_images)},
     }
     dit_dir = Path(weights) / "dit"
     if (dit_dir / "config.json").is_file():
@@ -91,7 +103,9 @@ def quality(out: str, weights: str = "delinea/weights/demo", root: str = "deline
             reference_rgb = torch.cat([vae.decode_rgb(vae.encode_mask(train[i:i + 16])) for i in range(0, len(train), 16)])
         stats["reference_palette_pixel_fraction"] = sample_statistics(reference_rgb, train, train)["palette_pixel_fraction"]
         stats["sampler"] = "DDIM eta=0, 20 steps, 32 samples, seed 0"
-        result["dit"] = {"eps_mse_8_draws": losses, "samples": stats}
+        tweedie = {name: denoising_dice(dit, vae, masks)
+                   for name, masks in (("ct_train", train), ("ct_held_out_slab", slab), ("mr_all", mr))}
+        result["dit"] = {"eps_mse_8_draws": losses, "tweedie_one_step_mDSC_by_t": tweedie, "samples": stats}
     result["latent_scaling_factor"] = vae.scaling_factor
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")

@@ -807,6 +807,30 @@ def sample_masks(dit: DiTTransformer2DModel, vae: MaskVAE, count: int = 16, step
     return rgb, rgb_to_mask(rgb)
 
 
+@torch.no_grad()
+def denoising_dice(dit: DiTTransformer2DModel, vae: MaskVAE, masks: torch.Tensor,
+                   timesteps: Sequence[int] = (50, 100, 250, 500, 750), seed: int = 0) -> dict[int, float | None]:
+    """What the frozen pair gives without any control: masks (Z, H, W) are encoded, noised to ``x_t``, denoised
+    in one step by the base DiT (Tweedie, ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``) and decoded by
+    nearest palette; the 3D mDSC per t. MedDelinea's L_seg decodes exactly this estimate (for t < 500)."""
+    generator = torch.Generator().manual_seed(seed)
+    alphas = training_scheduler().alphas_cumprod
+    rows = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+    dit.eval()
+    vae.eval()
+    latent = vae.encode_mask(masks)
+    labels = torch.full((len(masks),), rows - 1, dtype=torch.long)
+    out: dict[int, float | None] = {}
+    for t in timesteps:
+        alpha = alphas[t]
+        noise = torch.randn(latent.shape, generator=generator)
+        noisy = alpha.sqrt() * latent + (1 - alpha).sqrt() * noise
+        eps = dit(noisy, timestep=torch.full((len(masks),), t), class_labels=labels).sample[:, : latent.shape[1]]
+        estimate = (noisy - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        out[int(t)] = dice_report(rgb_to_mask(vae.decode_rgb(estimate).float()), masks)["mDSC"]
+    return out
+
+
 def sample_statistics(rgb: torch.Tensor, masks: torch.Tensor, reference: torch.Tensor,
                       palette_radius: float = 0.5) -> dict[str, Any]:
     """Honest summary statistics of generated masks against reference (training) masks.
