@@ -155,6 +155,8 @@ def _overrides(config: Path, btcv: Path, tmp: Path) -> list[str]:
             args += ["--data.root", str(ROOT / "delinea" / "sample"), "--data.split_file", str(tmp / "s.json")]
         if "MedDelineaTask" in text:
             args += ["--model.latent_cache", str(tmp / "cache")]
+        if "init_from:" in text:  # the parent run's output is not in a fresh clone
+            args += ["--model.init_from", "null"]
         return args
     stage = config if config in STAGES else ROOT / "configs" / "finetune.yaml"
     args = ["--config", str(stage)] + (["--config", str(config)] if config != stage else [])
