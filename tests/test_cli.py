@@ -189,7 +189,6 @@ def test_every_shipped_config_parses_and_instantiates(config: Path, btcv: Path, 
         assert cli.datamodule.fraction == 0.1
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     """Two gloo ranks through the real command: both run, one checkpoint, test metrics reduced over ranks."""
     root = tmp_path / "btcv"
