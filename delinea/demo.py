@@ -105,7 +105,7 @@ class Demo:
 
     def test(self, name: str, model: str, checkpoint: Path, root: Path, modality: str, extra: list[str] = ()) -> None:
         folder = self.out / "tests" / name
-        smoke = ["--data.resolution", "32"] if self.smoke else []
+        smoke = ["--data.resolution", "32" if self.smoke else "128"]  # the resolution the models trained at
         delinea(["test", "--ckpt", str(checkpoint), *self.common(root, modality, f"test_{name}"), *extra, *smoke,
                  "--output", str(folder), "--overwrite", "true"])
         summary = json.loads((folder / "metrics_summary.json").read_text())
@@ -119,7 +119,7 @@ class Demo:
         print(f"[demo]   {name}: mDSC {summary['mDSC']:.3f}", flush=True)
 
     def predict(self, name: str, checkpoint: Path, path: Path, modality: str) -> None:
-        smoke = ["--data.resolution", "32"] if self.smoke else []
+        smoke = ["--data.resolution", "32" if self.smoke else "128"]
         delinea(["predict", "--ckpt", str(checkpoint), "--data", "scan", "--data.path", str(path),
                  "--data.modality", modality, *smoke, "--output", str(self.out / "predictions" / name),
                  "--overwrite", "true", "--save_uncertainty", "true",

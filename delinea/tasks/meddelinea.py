@@ -185,9 +185,10 @@ class MedDelineaTask(SegmentationTask):
         if self.latent_cache is None:
             with torch.no_grad():
                 return self.model.vae.encode(image), self.model.vae.encode_mask(mask)
-        return self.latent_cache.get_or_compute(
+        image_latent, mask_latent = self.latent_cache.get_or_compute(
             batch["cache_key"], lambda idx: (self.model.vae.encode(image[idx]), self.model.vae.encode_mask(mask[idx]))
         )
+        return image_latent.to(image.device), mask_latent.to(image.device)  # all-hit batches come from disk
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """L_diff, L_seg and their weighted sum for one batch."""
@@ -272,9 +273,9 @@ class MedDelineaTask(SegmentationTask):
         digest = hashlib.sha256()
         own = self.state_dict()
         for key in sorted(self.frozen_keys()):
+            # Every byte, not a float sum: a sum depends on the thread count and the device.
             digest.update(key.encode())
-            digest.update(own[key].detach().float().cpu().numpy().tobytes()[:4096])
-            digest.update(str(float(own[key].float().sum())).encode())
+            digest.update(own[key].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
