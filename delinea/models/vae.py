@@ -32,14 +32,20 @@ def build_vae(preset: str = "sd", latent_channels: int = 4, scaling_factor: floa
     if preset not in VAE_SIZES:
         raise ValueError(f"unknown VAE preset {preset!r}; expected one of {', '.join(VAE_SIZES)}")
     channels, layers, groups = VAE_SIZES[preset]
+    return vae_from_sizes(channels, layers, groups, latent_channels, scaling_factor)
+
+
+def vae_from_sizes(channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, latent_channels: int = 4,
+                   scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A randomly initialised ``AutoencoderKL`` of plain down/up encoder blocks; f = 2 ** (len(channels) - 1)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=layers,
-        norm_num_groups=groups,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
         latent_channels=latent_channels,
         scaling_factor=scaling_factor,
     )

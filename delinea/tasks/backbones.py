@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, PALETTE, mask_to_rgb, rgb_to_mask
 from delinea.models.dit import DIT_PRESETS, build_dit, load_weights, read_weights, save_dit
 from delinea.models.sampling import DIT_SCHEDULE, training_scheduler
-from delinea.models.vae import MaskVAE, load_vae, save_vae
+from delinea.models.vae import MaskVAE, load_vae, save_vae, vae_from_sizes
 
 #: Canonical axial slices of the bundled CT that hold the eight organs (inclusive).
 CT_ORGAN_SLICES: tuple[int, int] = (61, 111)
@@ -410,17 +410,7 @@ def build_demo_vae(block_out_channels: Sequence[int] = (32, 64, 64), layers_per_
     channels = tuple(int(c) for c in block_out_channels)
     if any(c % norm_num_groups for c in channels):
         raise ValueError(f"block_out_channels {channels} must be multiples of norm_num_groups {norm_num_groups}")
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=layers_per_block,
-        norm_num_groups=norm_num_groups,
-        latent_channels=latent_channels,
-        scaling_factor=scaling_factor,
-    )
+    return vae_from_sizes(channels, layers_per_block, norm_num_groups, latent_channels, scaling_factor)
 
 
 def random_crops(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
