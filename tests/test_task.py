@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -204,3 +205,37 @@ def test_ema_tracks_the_trainable_weights_and_is_used_for_evaluation(tmp_path: P
     assert torch.equal(task.model.control.zero_linears[0].weight, live)  # trained weights restored
     assert any(k.startswith("ema.module.control.") for k in task.state_dict())
     assert not any(k.startswith("trainable.") for k in task.state_dict())
+
+
+def test_schedule_decays_over_steps_or_max_time_whichever_ends_first() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from delinea.tasks.base import adamw_with_schedule
+
+    task = MedDelineaTask(**TINY, lr=1.0, lr_schedule="cosine", warmup_steps=0)
+    timer = Timer(duration="00:00:01:40")  # 100 s
+    elapsed = {"s": 0.0}
+    timer.time_elapsed = lambda stage="train": elapsed["s"]
+    task._trainer = SimpleNamespace(estimated_stepping_batches=1000, callbacks=[timer])
+    factor = adamw_with_schedule(task)["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert factor(500) == pytest.approx(0.5)  # by steps: half way
+    elapsed["s"] = 50.0
+    assert factor(0) == pytest.approx(0.5)  # by time: half way
+    assert factor(900) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))  # steps ahead of time
+    elapsed["s"] = 100.0
+    assert factor(10) == pytest.approx(0.0)
+    # anneal_seconds overrides the Trainer's max_time; without either only steps count
+    assert adamw_with_schedule(task, anneal_seconds=200)["lr_scheduler"]["scheduler"].lr_lambdas[0](0) == \
+        pytest.approx(0.5)
+    task._trainer = SimpleNamespace(estimated_stepping_batches=1000, callbacks=[])
+    assert adamw_with_schedule(task)["lr_scheduler"]["scheduler"].lr_lambdas[0](250) == \
+        pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_moving_average_is_kept_out_of_the_optimiser() -> None:
+    task = MedDelineaTask(**TINY, ema_decay=0.9)
+    optimised = {id(p) for group in task.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in task.ema.module.parameters())
+    assert {id(p) for p in task.trainable.parameters()} == optimised

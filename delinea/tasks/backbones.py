@@ -35,6 +35,7 @@ from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, PALETTE, mask_to_rgb
 from delinea.models.dit import DIT_PRESETS, build_dit, load_weights, read_weights, save_dit
 from delinea.models.sampling import DIT_SCHEDULE, training_scheduler
 from delinea.models.vae import MaskVAE, load_vae, save_vae, vae_from_sizes
+from delinea.tasks.base import adamw_with_schedule, moving_average
 
 #: Canonical axial slices of the bundled CT that hold the eight organs (inclusive).
 CT_ORGAN_SLICES: tuple[int, int] = (61, 111)
@@ -345,39 +346,12 @@ def codec_ceiling(vae: AutoencoderKL | MaskVAE | Any, masks: torch.Tensor, batch
 class _BackboneTask(LightningModule):
     """AdamW with warm-up and cosine/linear/constant decay over the run; export after training.
 
-    With ``anneal_seconds`` the decay's progress is the larger of the step share and the share of that many
-    seconds of training: a run cut by ``Trainer(max_time=...)`` on a busy CPU still ends annealed (at the cost
-    of a schedule that depends on the machine's speed).
+    With ``anneal_seconds`` the decay runs over that many seconds of training (or the steps, whichever ends
+    first), as :func:`~delinea.tasks.base.adamw_with_schedule` describes.
     """
 
-    _started: float | None = None
-
-    def on_train_start(self) -> None:
-        import time
-
-        self._started = time.monotonic()
-
     def configure_optimizers(self) -> dict[str, Any]:
-        import time
-
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warmup, kind = self.hparams.warmup_steps, self.hparams.lr_schedule
-        seconds = self.hparams.get("anneal_seconds")
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if seconds and self._started is not None:
-                progress = max(progress, min(1.0, (time.monotonic() - self._started) / seconds))
-            if kind == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0 - progress if kind == "linear" else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self, anneal_seconds=self.hparams.get("anneal_seconds"))
 
     def _check_export_dir(self) -> None:
         folder = self.hparams.export_dir
@@ -682,7 +656,7 @@ class DiTPretrainTask(_BackboneTask):
             raise ValueError(f"image_size {hp.image_size} is not divisible by the VAE factor {self.vae.downsampling}")
         self.dit = build_dit(hp.dit, sample_size=hp.image_size // self.vae.downsampling,
                              in_channels=self.vae.latent_channels, learn_sigma=hp.learn_sigma, num_classes=1)
-        self.ema = _EMA(self.dit, hp.ema_decay) if hp.ema_decay is not None else None
+        self.ema = moving_average(self.dit, hp.ema_decay) if hp.ema_decay is not None else None
         self.scheduler = training_scheduler()
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
 
@@ -721,7 +695,7 @@ class DiTPretrainTask(_BackboneTask):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
-            self.ema.update(self.dit)
+            self.ema.update(self.dit, step=self.global_step)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator().manual_seed(batch_idx)  # the same noise every validation: comparable
@@ -744,24 +718,6 @@ class DiTPretrainTask(_BackboneTask):
         """Write the DiT as a diffusers folder (safetensors shards < 4 MB) readable by ``load_dit``."""
         save_dit(self.exported_dit(), folder)
         return Path(folder)
-
-
-class _EMA(torch.nn.Module):
-    """An exponential moving average of a module's parameters (buffers copied), kept out of the optimiser."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        super().__init__()
-        import copy
-
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for ema, live in zip(self.module.parameters(), model.parameters()):
-            ema.lerp_(live.detach(), 1 - self.decay)
-        for ema, live in zip(self.module.buffers(), model.buffers()):
-            ema.copy_(live)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from monai.losses import DiceLoss
+from timm.utils import ModelEmaV3
+from torch import nn
 
 from delinea.evaluation import case_metrics, case_rows, gather_rows, save_overlays, summarize, write_reports
 from delinea.io import save_nifti
@@ -36,28 +40,47 @@ def bce_dice_loss(logits: torch.Tensor, mask: torch.Tensor, labelled: torch.Tens
     return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def adamw_with_schedule(task: LightningModule) -> dict[str, Any]:
+def adamw_with_schedule(task: LightningModule, anneal_seconds: float | None = None) -> dict[str, Any]:
     """AdamW over a task's trainable parameters only, with a per-step warm-up and decay schedule.
 
-    Reads ``lr``, ``weight_decay``, ``lr_schedule`` (``cosine``/``linear`` decay to zero over the run's
-    optimiser steps, or ``constant``) and ``warmup_steps`` from the task's hyperparameters.
+    Reads ``lr``, ``weight_decay``, ``lr_schedule`` (``cosine``/``linear`` decay to zero over the run, or
+    ``constant``) and ``warmup_steps`` from the task's hyperparameters. The run's length is its optimiser steps
+    or, when the Trainer has a ``max_time`` (or ``anneal_seconds`` is given), its training wall time: the decay's
+    progress is the larger of the two shares, so a run stopped by ``max_time`` still ends annealed (on a busy
+    machine, at the cost of a schedule that depends on its speed). Resumed runs keep their elapsed time.
     """
     hp = task.hparams
     trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
-    total = max(1, int(task.trainer.estimated_stepping_batches)) if task._trainer is not None else 1
+    trainer = task._trainer
+    total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer is not None else None
+    seconds = anneal_seconds or (timer._duration if timer is not None else None)
+    started = time.monotonic()
     warmup, kind = hp.warmup_steps, hp.lr_schedule
+
+    def elapsed() -> float:
+        return timer.time_elapsed("train") if timer is not None else time.monotonic() - started
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if seconds:
+            progress = max(progress, min(1.0, elapsed() / seconds))
         if kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0 - progress if kind == "linear" else 1.0
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def moving_average(module: nn.Module, decay: float) -> ModelEmaV3:
+    """timm's EMA of a module's weights, kept out of the optimiser (its copy needs no gradients)."""
+    ema = ModelEmaV3(module, decay=decay)
+    ema.module.requires_grad_(False)
+    return ema
 
 
 class SegmentationTask(LightningModule):
@@ -67,7 +90,8 @@ class SegmentationTask(LightningModule):
     Args:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        lr_schedule: ``cosine`` or ``linear`` decay to zero over the run's optimiser steps, or ``constant``.
+        lr_schedule: ``cosine`` or ``linear`` decay to zero over the run (its optimiser steps, or its
+            ``max_time``, whichever ends first), or ``constant``.
         warmup_steps: linear warm-up steps before the decay.
     """
 

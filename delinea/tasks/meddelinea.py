@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from delinea.labels import NUM_CLASSES
@@ -20,7 +19,7 @@ from delinea.models.meddelinea import autocast_to
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.sampling import make_sampler
 from delinea.models.vae import VAE_SIZES, MaskVAE
-from delinea.tasks.base import SegmentationTask, bce_dice_loss
+from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
 from delinea.tasks.latent_cache import LatentCache
 
 
@@ -116,7 +115,7 @@ class MedDelineaTask(SegmentationTask):
         # The trainable parts under one module for the EMA; not registered, so state_dict keys stay unique.
         object.__setattr__(self, "trainable", nn.ModuleDict({"control": self.model.control,
                                                              "head": self.model.vae.head}))
-        self.ema = ModelEmaV3(self.trainable, decay=hp.ema_decay) if hp.ema_decay else None
+        self.ema = moving_average(self.trainable, hp.ema_decay) if hp.ema_decay else None
 
     def on_fit_start(self) -> None:
         """Fine-tuning: start the control branch and head from ``init_from``, unless resuming this run.
@@ -127,7 +126,7 @@ class MedDelineaTask(SegmentationTask):
         if self.hparams.init_from and self.trainer.ckpt_path is None:
             self._init_trainable_from(self.hparams.init_from)
             if self.ema is not None:  # the average starts from the loaded weights
-                self.ema = ModelEmaV3(self.trainable, decay=self.hparams.ema_decay)
+                self.ema = moving_average(self.trainable, self.hparams.ema_decay)
 
     def _init_trainable_from(self, path: str) -> None:
         checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
