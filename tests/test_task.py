@@ -239,3 +239,18 @@ def test_moving_average_is_kept_out_of_the_optimiser() -> None:
     optimised = {id(p) for group in task.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
     assert not any(id(p) in optimised for p in task.ema.module.parameters())
     assert {id(p) for p in task.trainable.parameters()} == optimised
+
+
+def test_training_timesteps_follow_the_requested_density() -> None:
+    from delinea.tasks.meddelinea import training_timesteps
+
+    generator = torch.Generator().manual_seed(0)
+    for bias, mean in [(0.0, 499.5), (1.0, 1000 * 2 / 3), (2.0, 1000 * 3 / 4)]:  # E[t] = 1000 (b+1)/(b+2)
+        t = training_timesteps(200_000, bias, torch.device("cpu"), generator)
+        assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
+        assert t.float().mean().item() == pytest.approx(mean, abs=3)
+    # bias 1: density ∝ t, so P(t < 500) = 1/4
+    assert (training_timesteps(200_000, 1.0, torch.device("cpu"), generator) < 500).float().mean().item() == \
+        pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match="timestep_bias"):
+        MedDelineaTask(**TINY, timestep_bias=-1)

@@ -42,8 +42,14 @@ class MedDelineaTask(SegmentationTask):
         warmup_steps: linear warm-up steps.
         seg_loss_weight: weight of L_seg (BCE + Dice of decoded logits); 0 trains with L_diff only.
         seg_max_timestep: L_seg is computed only for t below this. Tweedie divides by √ᾱ_t (ᾱ_999 ≈ 4e-5, a
-            157x amplification of ε̂ errors), so at large t the decoded mask is noise and its loss only adds
-            variance; skipping those samples also saves their decoder pass.
+            157x amplification of ε̂ errors), so near t = 999 the decoded mask is noise and its loss only adds
+            variance. Up to t ≈ 800 it is what teaches the control branch to read the image: the noisy mask
+            latent alone no longer shows the layout there. In 200 s control runs of the demo model (held-out CT
+            slab, DDIM 10 steps) a limit of 500 gave mDSC 0.11 (0.08 with the image zeroed), 800 gave 0.30
+            (0.10), 1000 gave 0.22 (0.06), and 1000 with L_seg weighted by √ᾱ_t 0.12.
+        timestep_bias: training timesteps are drawn with density ∝ t^bias on [0, 1000): 0 is the paper's uniform
+            draw, 1 draws large t (where the image must decide the layout) more often. In the runs above, with
+            a limit of 800, bias 1 gave mDSC 0.34 against 0.30 for uniform draws.
         train_head: train the class head (False: only the noise predictor trains, a paper ablation).
         sampler: sampler used by validation, test and predict.
         sampling_steps: sampler steps.
@@ -72,7 +78,8 @@ class MedDelineaTask(SegmentationTask):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         warmup_steps: int = 0,
         seg_loss_weight: float = 1.0,
-        seg_max_timestep: int = 500,
+        seg_max_timestep: int = 800,
+        timestep_bias: float = 0.0,
         train_head: bool = True,
         sampler: str = "euler_ancestral",
         sampling_steps: int = 20,
@@ -90,6 +97,8 @@ class MedDelineaTask(SegmentationTask):
         resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype
         if not 0 < seg_max_timestep <= 1000:
             raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
+        if not 0 <= timestep_bias <= 10:
+            raise ValueError(f"timestep_bias {timestep_bias} must be in [0, 10] (0: uniform timesteps)")
         super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
 
     # -- building ------------------------------------------------------------------------------------------
@@ -197,7 +206,7 @@ class MedDelineaTask(SegmentationTask):
         if self.hparams.zero_image:
             image_latent = torch.zeros_like(image_latent)
         n = image.shape[0]
-        timestep = torch.randint(0, 1000, (n,), device=self.device, generator=generator)
+        timestep = training_timesteps(n, self.hparams.get("timestep_bias", 0.0), self.device, generator)
         noise = torch.randn(mask_latent.shape, device=self.device, generator=generator, dtype=mask_latent.dtype)
         noisy = self.model.add_noise(mask_latent, noise, timestep)
         noise_pred = self.model.predict_noise(noisy, timestep, image_latent)
@@ -276,6 +285,15 @@ class MedDelineaTask(SegmentationTask):
             digest.update(key.encode())
             digest.update(own[key].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def training_timesteps(n: int, bias: float, device: torch.device,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` integer timesteps in [0, 1000) with density ∝ t^bias (bias 0: uniform, as DiT trains)."""
+    if bias == 0:
+        return torch.randint(0, 1000, (n,), device=device, generator=generator)
+    u = torch.rand(n, device=device, generator=generator)
+    return (u ** (1 / (bias + 1)) * 1000).long().clamp(max=999)  # inverse CDF of t^bias
 
 
 def _existing(path: str, what: str) -> Path:
