@@ -55,19 +55,19 @@ def adamw_with_schedule(task: LightningModule, anneal_seconds: float | None = No
     trainer = task._trainer
     total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer is not None else None
-    seconds = anneal_seconds or (timer._duration if timer is not None else None)
     started = time.monotonic()
     warmup, kind = hp.warmup_steps, hp.lr_schedule
 
-    def elapsed() -> float:
-        return timer.time_elapsed("train") if timer is not None else time.monotonic() - started
+    def time_share() -> float:
+        elapsed = timer.time_elapsed("train") if timer is not None else time.monotonic() - started
+        remaining = timer.time_remaining("train") if timer is not None else None
+        seconds = anneal_seconds or (elapsed + remaining if remaining is not None else None)
+        return min(1.0, elapsed / seconds) if seconds else 0.0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if seconds:
-            progress = max(progress, min(1.0, elapsed() / seconds))
+        progress = max(min(1.0, (step - warmup) / max(1, total - warmup)), time_share())
         if kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0 - progress if kind == "linear" else 1.0
