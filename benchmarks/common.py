@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from delinea.models.meddelinea import native_bf16
+
 MiB = 2**20
 
 
@@ -47,15 +49,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no GPU")
     return device
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX), where oneDNN runs bf16 fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
@@ -73,7 +66,7 @@ def describe_device(device: torch.device) -> dict[str, Any]:
                     model = line.split(":", 1)[1].strip()
                     break
         info |= {"name": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "capability": torch.backends.cpu.get_cpu_capability(), "bf16_instructions": cpu_supports_bf16()}
+                 "capability": torch.backends.cpu.get_cpu_capability(), "bf16_instructions": native_bf16("cpu")}
         with contextlib.suppress(OSError, AttributeError):
             info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks import fastpaths, flops, inference, models, threads, training  # noqa: E402
-from benchmarks.common import cpu_supports_bf16, describe_device, pick_device, table, write_json  # noqa: E402
+from benchmarks.common import describe_device, native_bf16, pick_device, table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("flops", "fastpaths", "inference", "training")  # the default; "threads" is optional
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         c = config["flops"]
         dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (
-            (torch.float32, torch.bfloat16) if cpu_supports_bf16() else (torch.float32,))
+            (torch.float32, torch.bfloat16) if native_bf16("cpu") else (torch.float32,))
         result["flops"] = flops.run(device, c["preset"], c["latent"], c["batch"], repeats("flops"), dtypes)
         result["dit_fraction_of_matmul_peak"] = result["flops"]["rows"][0]["fraction_of_peak"]
         result["dit_fraction_preset"] = f"{c['preset']} {result['flops']['rows'][0]['dtype']}"
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train = training.run(device, c["presets"], c["resolution"], c["batch_size"], repeats("training"), dtype,
                              unet_channels=[4, 8, 16] if mode == "tiny" else None,
                              diff_only_presets=c.get("diff_only", ()),
-                             bf16_row=device.type == "cpu" and cpu_supports_bf16())
+                             bf16_row=device.type == "cpu" and native_bf16("cpu"))
         result["training"] = train
         headline = train["presets"][-1]  # the largest preset measured (B in the full run)
         result["cache_speedup"] = headline["cache_speedup"]

@@ -177,12 +177,17 @@ def inference_dtype(name: str, device: torch.device | str) -> torch.dtype | None
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether the device computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else None
-    return None
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def autocast_to(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -198,4 +203,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["INFERENCE_DTYPES", "NUM_CLASSES", "MedDelinea", "autocast_to", "count_parameters", "inference_dtype"]
+__all__ = ["INFERENCE_DTYPES", "NUM_CLASSES", "MedDelinea", "autocast_to", "count_parameters", "inference_dtype",
+           "native_bf16"]
