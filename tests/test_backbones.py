@@ -132,6 +132,10 @@ def test_dit_task_learns_and_exports(tiny_vae_folder: Path, tmp_path: Path) -> N
     after = loss()
     assert after < 0.85 * before
     assert all(torch.equal(frozen[k], v) for k, v in task.vae.state_dict().items())  # the VAE stayed frozen
+    # What is exported is the moving average, not the live weights, and the average never trains itself.
+    assert task.exported_dit() is task.ema.module
+    live, averaged = task.dit.pos_embed.proj.weight, task.ema.module.pos_embed.proj.weight
+    assert not torch.equal(live, averaged) and not averaged.requires_grad
     dit = load_dit(tmp_path / "dit")
     latent = torch.randn(2, 4, 16, 16)
     t, y = torch.tensor([10, 500]), torch.tensor([1, 1])
