@@ -25,6 +25,7 @@ from benchmarks.common import median, paired_ratio, side_by_side, summary, sync
 from benchmarks.models import CTData, slab_dice
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.sampling import SCHEDULERS
+from delinea.datamodules.plan import Plan
 from delinea.tasks.volumes import VolumeAssembler
 
 STEPS = (1, 5, 10, 20, 50)
@@ -43,19 +44,19 @@ def predict_labels(task: Any, images: torch.Tensor, device: torch.device) -> tor
 
 
 def segment_volume(task: Any, data: CTData, device: torch.device, chunk: int = 16) -> np.ndarray:
-    """Label map of the whole CT (its own canonical grid) from slices at ``data.resolution``."""
+    """Label map of the whole CT (its own canonical grid): whole slices at the plan's spacing (the CT's own,
+    3 mm) covered by ``data.resolution`` windows, as ``delinea test`` does."""
     case = data.case
     image = torch.from_numpy(np.ascontiguousarray(case.image))
     depth = image.shape[2]
-    assembler = VolumeAssembler(lambda _: case)
+    assembler = VolumeAssembler(lambda _: case.geometry)
+    task.set_plan(Plan({"ct": float(case.spacing[0])}, (data.resolution,)))
     done = []
-    from delinea.datamodules.utils import resize_image
-
     for start in range(0, depth, chunk):
         zs = list(range(start, min(start + chunk, depth)))
-        slices = torch.stack([resize_image(image[:, :, k][None], data.resolution) for k in zs]).to(device)
+        slices = image[:, :, zs].permute(2, 0, 1)[:, None].to(device)  # (n, 1, X, Y)
         with torch.inference_mode():
-            probabilities, uncertainty = task.predict_probabilities(slices)
+            probabilities, uncertainty = task.predict_slices(slices)
         done += assembler.add([case.case_id] * len(zs), torch.tensor(zs), probabilities, uncertainty)
     assert len(done) == 1
     return done[0].labels

@@ -1,10 +1,11 @@
 """The models section 2 evaluates, and the real CT data it runs on.
 
-Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) at 128²,
-exactly as the datamodules serve it (``resize_image`` bilinear + antialias, ``resize_mask`` nearest-exact).
-The held-out slab is the demo's: canonical z = 86..95 (``delinea.tasks.backbones.CT_HELD_OUT``), 10 slices
-holding all eight organs; training uses the other organ slices z = 61..111. Dice is 3D over the stacked slab on
-the 128² grid (``delinea.evaluation.case_metrics``), mDSC the mean over the eight organs.
+Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) at its own
+3 mm in-plane spacing (the demo's plan), each 122 x 101 slice centred in a 128² window padded with air, as
+evaluation windows are (:mod:`delinea.datamodules.plan`). The held-out slab is the demo's: canonical
+z = 86..95 (``delinea.tasks.backbones.CT_HELD_OUT``), 10 slices holding all eight organs; training uses the other
+organ slices z = 61..111. Dice is 3D over the stacked slab on the 128² window grid
+(``delinea.evaluation.case_metrics``), mDSC the mean over the eight organs.
 
 Models, first found wins:
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from delinea.datamodules import FolderDataModule
-from delinea.datamodules.utils import resize_image, resize_mask
+from delinea.datamodules.plan import IMAGE_FILL, crop_window
 from delinea.evaluation import case_metrics
 from delinea.labels import FOREGROUND
 from delinea.tasks import MedDelineaTask, UNetTask
@@ -51,9 +52,12 @@ class CTData:
     spacing: tuple[float, float, float]  # of the slab on the R x R grid
 
     def slices(self, zs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices ``zs`` centred in ``resolution``-pixel windows: images (n, 1, R, R), masks (n, R, R)."""
         image = torch.from_numpy(np.ascontiguousarray(self.case.image))
-        images = torch.stack([resize_image(image[:, :, k][None], self.resolution) for k in zs])
-        masks = torch.stack([resize_mask(self.case.label[:, :, k], self.resolution) for k in zs]).long()
+        label = torch.from_numpy(np.ascontiguousarray(self.case.label)).long()
+        top, left = ((n - self.resolution) // 2 for n in image.shape[:2])
+        images = torch.stack([crop_window(image[:, :, k][None], top, left, self.resolution, IMAGE_FILL) for k in zs])
+        masks = torch.stack([crop_window(label[:, :, k], top, left, self.resolution, 0) for k in zs])
         return images, masks
 
 
@@ -66,8 +70,7 @@ def load_ct(resolution: int = 128, split_file: str | None = None) -> CTData:
     train = [z for z in range(CT_ORGANS[0], CT_ORGANS[1] + 1) if z not in test]
     data.test_images, data.test_masks = data.slices(test)
     data.train_images, data.train_masks = data.slices(train)
-    x, y, _ = case.image.shape
-    data.spacing = (case.spacing[0] * x / resolution, case.spacing[1] * y / resolution, case.spacing[2])
+    data.spacing = tuple(case.spacing)  # windows at the CT's own spacing: nothing is stretched
     return data
 
 

@@ -54,14 +54,15 @@ PRESETS: dict[str, Preset] = {
 
 def sample_batch(resolution: int, batch_size: int, first_slice: int = 86) -> dict[str, Any]:
     """``batch_size`` consecutive axial slices of the sample CT from ``first_slice`` (organs in every one),
-    unaugmented, with their cache keys."""
+    unaugmented, with their cache keys: training windows of ``resolution`` pixels at the spacing that makes the
+    CT's 366 mm field of view fill the window (as a finer-spaced scan would)."""
     dm = FolderDataModule(root=str(SAMPLE), resolution=resolution, batch_size=batch_size, split="all",
+                          spacing=366.0 / resolution,
                           split_file=str(Path(tempfile.gettempdir()) / "delinea_bench_split.json"))
-    dm.setup("test")
-    dataset = dm.test_dataloader().dataset
+    dataset = dm.dataset("test")
     ct = [i for i in range(len(dataset)) if dataset.files[int(dataset.case_of[i])].case_id == "ct"]
     start = ct[0] + first_slice
-    return default_collate([dataset[(i, resolution)] for i in range(start, start + batch_size)])
+    return default_collate([dataset[(i, resolution, 0)] for i in range(start, start + batch_size)])
 
 
 def balanced_seed(batch_size: int, max_timestep: int, device: torch.device) -> int:

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 import delinea
 import delinea.tasks  # noqa: F401 - lets YAML name tasks by class name
+from delinea.callbacks import PredictionWriter, TestReport
 import delinea.tasks.backbones  # noqa: F401 - the backbone pretraining tasks (the demo's VAE and DiT)
 from delinea.datamodules import DATAMODULES
 
@@ -162,13 +163,22 @@ class DelineaCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, KeyError) as error:
             raise CLIError(user_message(error)) from error
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with the callbacks that write test reports and predictions where ``--output`` says."""
+        trainer = super().instantiate_trainer(**kwargs)
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if not isinstance(self.model, delinea.tasks.SegmentationTask):
-            return
-        self.model.output_dir = config.get("output")
-        self.model.overwrite = bool(config.get("overwrite"))
-        self.model.save_uncertainty = bool(config.get("save_uncertainty"))
-        self.model.overlay_cases = int(config.get("overlays", 3))
+        output, overwrite = config.get("output"), bool(config.get("overwrite"))
+        trainer.callbacks.extend([
+            TestReport(output, overwrite, int(config.get("overlays", 3))),
+            PredictionWriter(output, overwrite, bool(config.get("save_uncertainty"))),
+        ])  # fmt: skip
+        return trainer
+
+    def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None,
+                return_predictions: bool | None = None, **kwargs: Any) -> None:
+        """``trainer.predict`` that keeps no predictions in memory unless asked: the writer has them on disk."""
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=bool(return_predictions), **kwargs)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:
@@ -190,7 +200,7 @@ def main(args: ArgsType = None) -> None:
     """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2."""
     try:
         build_cli(args)
-    except (CLIError, FileExistsError) as error:
+    except (CLIError, FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"delinea: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -12,7 +12,7 @@ from delinea.datamodules.folder import FolderDataModule
 from delinea.datamodules.panseg import PanSegDataModule
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.scan import ScanDataModule
-from delinea.datamodules.utils import slices_to_volume
+from delinea.datamodules.plan import Plan
 from delinea.io import DatasetError
 
 #: CLI names -> datamodule classes.
@@ -38,7 +38,7 @@ __all__ = [
     "LabelledDataModule",
     "MedSegDataModule",
     "PanSegDataModule",
+    "Plan",
     "ScanDataModule",
     "SliceBatchSampler",
-    "slices_to_volume",
 ]

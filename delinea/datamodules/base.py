@@ -1,4 +1,5 @@
-"""Base datamodules: 2D axial slices of 3D CT/MRI volumes, the batch contract every task relies on.
+"""Base datamodules: 2D axial slices of 3D CT/MRI volumes at the plan's spacing, the batch contract every task
+relies on.
 
 Batch contract (train, val, test; predict carries ``image``, ``case_id``, ``slice_index``, ``cache_key``)::
 
@@ -7,13 +8,14 @@ Batch contract (train, val, test; predict carries ``image``, ``case_id``, ``slic
     labelled     bool    (B, 9)        classes the source annotates (background False in single-organ sets)
     case_id      list[str]
     slice_index  int64   (B,)          axial index k in the canonical volume
-    cache_key    list[str]             SHA-1 naming the preprocessed slice; "" when augmented (never cache)
+    cache_key    list[str]             SHA-1 naming the served tensor; "" when augmented (never cache)
 
 Slice ``k`` is ``canonical[:, :, k]`` of the RAS+ volume (H along x = towards patient right, W along
-y = anterior), resized to ``resolution`` (bilinear image, nearest mask). :func:`slices_to_volume` undoes it.
-Validation and test batches come case by case with slices ascending, so a task can stack them into
-volumes and call :meth:`MedSegDataModule.load_case` for the label, spacing and geometry; each rank gets
-whole cases.
+y = anterior), resampled in-plane to the plan's spacing (:mod:`delinea.datamodules.plan`). Training batches
+are ``window x window`` crops of it; validation, test and predict batches are whole resampled slices, case
+by case with slices ascending and one case per batch, so a task can cover them with windows, stack them into
+volumes on each case's own grid (:meth:`MedSegDataModule.case_geometry`) and score them against
+:meth:`MedSegDataModule.load_label`; each rank gets whole cases.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from delinea.datamodules.dataset import SliceDataset
 from delinea.datamodules.index import CaseIndex
+from delinea.datamodules.plan import Plan, check_spacing, check_windows
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
 from delinea.datamodules.utils import (
@@ -43,9 +46,13 @@ from delinea.datamodules.utils import (
     LabelSpec,
     check_case,
     load_case_files,
+    read_label,
 )
-from delinea.io import DatasetError, Geometry, is_nifti, nifti_stem
+from delinea.io import DatasetError, Geometry, is_nifti, nifti_stem, read_geometry
 from delinea.labels import NUM_CLASSES
+
+#: Training windows when neither the datamodule nor a model's plan names one.
+DEFAULT_WINDOW = 256
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +83,24 @@ class Case:
     path: Path
 
 
-def _check_resolution(resolution: int | Sequence[int]) -> list[int]:
-    values = [resolution] if isinstance(resolution, int) else list(resolution)
-    if not values or any(not isinstance(r, int) or isinstance(r, bool) or r < 8 or r % 8 for r in values):
-        raise ValueError(f"resolution must be a positive multiple of 8 or a list of them, got {resolution!r}")
-    return values
-
-
 class MedSegDataModule(LightningDataModule, ABC):
-    """Common base of every delinea datamodule: slices, loaders and whole-case access.
+    """Common base of every delinea datamodule: slices at the plan's spacing, loaders and whole-case access.
 
     Args:
-        resolution: slice size; a list alternates between batches in training (evaluation uses the first).
+        resolution: training window size in pixels; a list alternates between training batches. None: the
+            window of the model's plan (a checkpoint or ``init_from``), else 256. At evaluation an explicit value
+            is the sliding window (the model's plan window otherwise).
         batch_size: slices per batch.
         num_workers: loader worker processes.
         window: CT window in HU mapped to [-1, 1].
         percentiles: MRI percentiles per volume mapped to [-1, 1].
         cache_cases: volumes each worker keeps in memory (and cases per training shuffle block).
         affine_tolerance: allowed difference in mm between image and label affines.
+        spacing: in-plane target spacing in mm per pixel for every modality. None: the model's plan, else the
+            plan file, else the median of the training cases. It must agree with a checkpoint's plan at
+            evaluation.
+        plan_file: a plan JSON to read (or, when fitting without one, where to write the computed plan).
+        foreground_share: share of training windows centred on a labelled pixel.
     """
 
     #: Short dataset name (the CLI name and part of split file names and cache keys).
@@ -101,16 +108,19 @@ class MedSegDataModule(LightningDataModule, ABC):
 
     def __init__(
         self,
-        resolution: int | list[int] = 256,
+        resolution: int | list[int] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         window: tuple[float, float] = (-175.0, 250.0),
         percentiles: tuple[float, float] = (0.5, 99.5),
         cache_cases: int = 4,
         affine_tolerance: float = 1e-3,
+        spacing: float | None = None,
+        plan_file: str | None = None,
+        foreground_share: float = 0.33,
     ) -> None:
         super().__init__()
-        self.resolutions = _check_resolution(resolution)
+        self.resolutions = None if resolution is None else list(check_windows(resolution, "resolution"))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -121,15 +131,23 @@ class MedSegDataModule(LightningDataModule, ABC):
             raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}")
         if cache_cases < 1:
             raise ValueError(f"cache_cases must be at least 1, got {cache_cases}")
+        if not 0 <= foreground_share <= 1:
+            raise ValueError(f"foreground_share must be in [0, 1], got {foreground_share}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
         self.cache_cases = cache_cases
         self.affine_tolerance = affine_tolerance
+        self.spacing = None if spacing is None else check_spacing(spacing)
+        self.plan_file = None if plan_file is None else Path(plan_file).expanduser()
+        self.foreground_share = float(foreground_share)
+        #: The geometry every loader serves; resolved once, before the first loader (:meth:`plan_for`).
+        self.plan: Plan | None = None
         self.skipped_cases: dict[str, str] = {}
         self._files: dict[str, CaseFiles] | None = None
         self._datasets: dict[str, SliceDataset] = {}
         self._case_index: CaseIndex | None = None
+        self._geometries: dict[str, Geometry] = {}
 
     # -- what a dataset defines ----------------------------------------------------------------------------
     @abstractmethod
@@ -159,6 +177,11 @@ class MedSegDataModule(LightningDataModule, ABC):
             self._files = {f.case_id: f for f in found}
         return self._files
 
+    def _case_files(self, case_id: str) -> CaseFiles:
+        if case_id not in self.files:
+            raise KeyError(f"{self.name}: no case {case_id!r} (have {len(self.files)} cases, e.g. {list(self.files)[:5]})")
+        return self.files[case_id]
+
     def load_case(self, case_id: str) -> Case:
         """Read one whole case, canonical and normalised, with its unified label and geometry.
 
@@ -166,9 +189,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             KeyError: unknown ``case_id``.
             DatasetError: the case's files are missing, corrupt or inconsistent.
         """
-        if case_id not in self.files:
-            raise KeyError(f"{self.name}: no case {case_id!r} (have {len(self.files)} cases, e.g. {list(self.files)[:5]})")
-        files = self.files[case_id]
+        files = self._case_files(case_id)
         check_case(files, needs_label=False, atol=self.affine_tolerance)
         loaded = load_case_files(files, self.label_spec, self.intensity, self._ignore_unknown, self.affine_tolerance)
         geometry = loaded.volume.geometry
@@ -182,6 +203,35 @@ class MedSegDataModule(LightningDataModule, ABC):
             modality=loaded.modality,
             path=files.image,
         )
+
+    def case_geometry(self, case_id: str) -> Geometry:
+        """A case's geometry from its image header (read once; no voxel data)."""
+        if case_id not in self._geometries:
+            self._geometries[case_id] = read_geometry(self._case_files(case_id).image)
+        return self._geometries[case_id]
+
+    def case_path(self, case_id: str) -> Path:
+        """The image file or DICOM folder of a case."""
+        return self._case_files(case_id).image
+
+    def load_label(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """A case's canonical unified label (uint8, X Y Z) and the classes it annotates (bool (9,)); the image
+        is not read.
+
+        Raises:
+            DatasetError: the case has no label, or its label file is bad.
+        """
+        files = self._case_files(case_id)
+        spec = self.label_spec
+        if spec is None or not files.has_label:
+            raise DatasetError(f"case {case_id!r} ({files.image}) has no label to evaluate against")
+        label = read_label(files, spec, self.case_geometry(case_id), self._ignore_unknown, self.affine_tolerance)
+        return label, self._labelled(files)
+
+    def load_image(self, case_id: str) -> np.ndarray:
+        """A case's whole canonical image normalised to [-1, 1] (float32, X Y Z), e.g. for overlay figures."""
+        loaded = load_case_files(self._case_files(case_id), None, self.intensity, atol=self.affine_tolerance)
+        return loaded.image(self.intensity)
 
     @property
     def _ignore_unknown(self) -> bool:
@@ -204,10 +254,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             DatasetError: for the first bad case, unless ``skip`` (then it is recorded in ``skipped_cases``).
         """
         files = [self.files[i] for i in ids]
-        entries = self._index.inspect(
-            files, needs_label, self.label_spec, foreground, self.affine_tolerance, self._ignore_unknown,
-            threads=max(1, self.num_workers),
-        )  # fmt: skip
+        entries = self._inspect(files, needs_label, foreground)
         good, bad, flags = [], {}, []
         for f in files:
             entry = entries[f.case_id]
@@ -223,6 +270,12 @@ class MedSegDataModule(LightningDataModule, ABC):
                 flags.append(flag)
         self._record_skipped(bad)
         return good, (np.concatenate(flags) if flags else np.zeros(0, bool)) if foreground else None
+
+    def _inspect(self, files: Sequence[CaseFiles], needs_label: bool, foreground: bool = False) -> dict[str, dict]:
+        return self._index.inspect(
+            files, needs_label, self.label_spec, foreground, self.affine_tolerance, self._ignore_unknown,
+            threads=max(1, self.num_workers),
+        )  # fmt: skip
 
     @property
     def _index(self) -> CaseIndex:
@@ -242,6 +295,93 @@ class MedSegDataModule(LightningDataModule, ABC):
             log.warning(message)
             warnings.warn(message, stacklevel=3)
 
+    # -- the plan ------------------------------------------------------------------------------------------
+    def _default_plan_file(self) -> Path | None:
+        """Where a computed plan is written and read back: beside the split file (labelled datasets)."""
+        return None
+
+    def _planning_cases(self) -> list[CaseFiles]:
+        """The cases whose median spacing makes a new plan (the training split)."""
+        return []
+
+    def _windows(self, fallback: Plan | None) -> tuple[int, ...]:
+        if self.resolutions is not None:
+            return tuple(self.resolutions)
+        return fallback.window if fallback is not None else (DEFAULT_WINDOW,)
+
+    def _explicit_plan(self, fallback: Plan | None) -> Plan | None:
+        """The plan the user named: ``spacing``, else ``plan_file``; None if neither."""
+        if self.spacing is not None:
+            return Plan.uniform(self.spacing, self._windows(fallback), "explicit spacing")
+        if self.plan_file is not None and self.plan_file.exists():
+            plan = Plan.load(self.plan_file)
+            return plan.with_window(self.resolutions) if self.resolutions is not None else plan
+        return None
+
+    def _computed_plan(self) -> Plan:
+        """The median in-plane spacing of the training cases, per modality, from the case index."""
+        spacings: dict[str, list[float]] = {}
+        for entry in self._inspect(self._planning_cases(), needs_label=False).values():
+            if entry["error"] is None and entry.get("spacing"):
+                spacings.setdefault(entry["modality"], []).extend(entry["spacing"])
+        return Plan.from_cases(spacings, self._windows(None))
+
+    def plan_for(self, model_plan: Plan | None, stage: str) -> Plan:
+        """Resolve and keep the plan every loader serves, given the model's own plan (or None).
+
+        Fitting: explicit ``spacing`` or ``plan_file``, else the model's plan (a resumed run, or ``init_from``:
+        fine-tuning keeps its parent's geometry), else the plan file beside the split, else the median of the
+        training cases, written beside the split. Evaluation: the model's plan; an explicit spacing or plan file
+        that disagrees with it is an error, since a model only knows its own pixel scale.
+
+        Raises:
+            DatasetError: an explicit plan disagrees with the model's at evaluation, or a plan file is bad.
+        """
+        explicit = self._explicit_plan(model_plan)
+        if stage != "fit" and model_plan is not None:
+            if explicit is not None and not explicit.same_geometry(model_plan):
+                where = f"spacing={self.spacing}" if self.spacing is not None else f"plan_file {self.plan_file}"
+                raise DatasetError(
+                    f"{self.name}: {where} ({explicit.describe()}) disagrees with the model's plan "
+                    f"({model_plan.describe()}); a model segments at the spacing it was trained at: drop the option"
+                )
+            plan = model_plan.with_window(self.resolutions) if self.resolutions is not None else model_plan
+        elif explicit is not None:
+            plan = explicit
+        elif model_plan is not None:
+            plan = model_plan.with_window(self.resolutions) if self.resolutions is not None else model_plan
+        else:
+            target = self.plan_file or self._default_plan_file()
+            if target is not None and target.exists():
+                plan = Plan.load(target)
+                plan = plan.with_window(self.resolutions) if self.resolutions is not None else plan
+            else:
+                if not self._planning_cases():
+                    raise DatasetError(f"{self.name}: no model plan and no training cases to plan a spacing from; "
+                                       "pass spacing=... (mm per pixel) or predict with a checkpoint")
+                plan = self._computed_plan()
+                if target is not None:
+                    plan.save(target)
+            if stage != "fit":
+                warnings.warn(f"{self.name}: the model carries no plan; evaluating at {plan.describe()}", stacklevel=2)
+        self.plan = plan
+        log.info("%s: plan %s", self.name, plan.describe())
+        return plan
+
+    def _model_plan(self) -> Plan | None:
+        """The attached model's plan (a delinea task's ``plan`` attribute), if any."""
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        plan = getattr(module, "plan", None)
+        return plan if isinstance(plan, Plan) else None
+
+    def _planned(self, dataset: SliceDataset, stage: str) -> SliceDataset:
+        if self.plan is None:
+            self.plan_for(self._model_plan(), stage)
+        dataset.plan = self.plan
+        return dataset
+
+    # -- datasets and loaders ------------------------------------------------------------------------------
     def _dataset(
         self, cases: list[tuple[CaseFiles, int]], augment: bool = False, foreground: np.ndarray | None = None
     ) -> SliceDataset:
@@ -252,9 +392,9 @@ class MedSegDataModule(LightningDataModule, ABC):
             spec=self.label_spec,
             labelled=np.stack([self._labelled(f) for f, _ in cases]) if cases else np.zeros((0, NUM_CLASSES), bool),
             intensity=self.intensity,
-            resolutions=self.resolutions,
             augment=augment,
             foreground=foreground,
+            foreground_share=self.foreground_share,
             cache_cases=self.cache_cases,
             ignore_unknown_labels=self._ignore_unknown,
             affine_tolerance=self.affine_tolerance,
@@ -267,7 +407,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             False,
             case_of=dataset.case_of,
             foreground=dataset.foreground,
-            resolutions=self.resolutions if train else self.resolutions[:1],
+            resolutions=self.plan.window if self.plan is not None else (DEFAULT_WINDOW,),
             shuffle=train,
             seed=seed,
             empty_slice_ratio=empty_slice_ratio if train else None,
@@ -282,6 +422,10 @@ class MedSegDataModule(LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
         )
 
+    def predict_cases(self) -> list[str]:
+        """The case ids ``predict`` writes, in loader order."""
+        return self._cases_of("predict")
+
     def _cases_of(self, split: str) -> list[str]:
         if split not in self._datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
@@ -290,12 +434,13 @@ class MedSegDataModule(LightningDataModule, ABC):
 
 
 class LabelledDataModule(MedSegDataModule):
-    """Base of the labelled datasets: discovery, seeded case-level splits, fractions, checks.
+    """Base of the labelled datasets: discovery, seeded case-level splits, fractions, checks, the plan.
 
     Args:
         root: dataset folder; if None, ``$DELINEA_<NAME>_ROOT`` (e.g. ``DELINEA_BTCV_ROOT``), else
             ``$DELINEA_DATA/<name>``.
-        resolution: slice size, or a list alternated between training batches.
+        resolution: training window size, or a list alternated between training batches (see
+            :class:`MedSegDataModule`).
         batch_size: slices per batch.
         num_workers: loader worker processes.
         fraction: share of the training cases used, in (0, 1]; a seeded, nested subset, at least one case.
@@ -304,7 +449,8 @@ class LabelledDataModule(MedSegDataModule):
         empty_slice_ratio: share of training slices without foreground per epoch, in [0, 1); None keeps all.
             Needs one pass over the training labels at setup.
         split_file: JSON split to read, or to write if missing; default under ``$DELINEA_SPLIT_DIR`` or
-            ``~/.cache/delinea/splits`` (see :mod:`delinea.datamodules.splits`).
+            ``~/.cache/delinea/splits`` (see :mod:`delinea.datamodules.splits`). The computed plan is written
+            beside it (``<split>.plan.json``).
         skip_bad_cases: skip cases with missing, unreadable or inconsistent files (warned, listed in
             ``skipped_cases``) instead of raising.
         ignore_unknown_labels: map label ids outside the dataset's table to background (warned) instead of
@@ -313,6 +459,9 @@ class LabelledDataModule(MedSegDataModule):
         percentiles: MRI percentile window.
         cache_cases: volumes kept per worker.
         affine_tolerance: image/label affine tolerance in mm.
+        spacing: in-plane target spacing in mm (see :class:`MedSegDataModule`).
+        plan_file: plan JSON to read or write instead of the one beside the split.
+        foreground_share: share of training windows centred on a labelled pixel.
     """
 
     #: train:val:test ratios of a new split.
@@ -323,7 +472,7 @@ class LabelledDataModule(MedSegDataModule):
     def __init__(
         self,
         root: str | None = None,
-        resolution: int | list[int] = 256,
+        resolution: int | list[int] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         fraction: float = 1.0,
@@ -337,8 +486,12 @@ class LabelledDataModule(MedSegDataModule):
         percentiles: tuple[float, float] = (0.5, 99.5),
         cache_cases: int = 4,
         affine_tolerance: float = 1e-3,
+        spacing: float | None = None,
+        plan_file: str | None = None,
+        foreground_share: float = 0.33,
     ) -> None:
-        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, affine_tolerance)
+        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, affine_tolerance,
+                         spacing, plan_file, foreground_share)
         if not 0 < fraction <= 1:
             raise ValueError(f"{self.name}: fraction must be in (0, 1], got {fraction}")
         if empty_slice_ratio is not None and not 0 <= empty_slice_ratio < 1:
@@ -406,16 +559,21 @@ class LabelledDataModule(MedSegDataModule):
     def _index_path(self) -> Path | None:
         return self.split_file.with_name(self.split_file.stem + ".cases.json")
 
+    def _default_plan_file(self) -> Path | None:
+        return self.split_file.with_name(self.split_file.stem + ".plan.json")
+
+    def _planning_cases(self) -> list[CaseFiles]:
+        # The whole training split (before ``fraction``), like nnU-Net's dataset fingerprint: few-shot subsets
+        # of one dataset share one plan.
+        return [self.files[c] for c in self.split["train"] if self.include(self.files[c])]
+
     def prepare_data(self) -> None:
         """Make the split file and inspect every case once per node (Lightning runs this on local rank 0
         before ``setup``, so the other ranks find the case index filled)."""
         for split in ("train", "val", "test"):
             foreground = split == "train" and self.empty_slice_ratio is not None
             files = [self.files[i] for i in self._split_ids(split)]
-            self._index.inspect(
-                files, True, self.label_spec, foreground, self.affine_tolerance, self.ignore_unknown_labels,
-                threads=max(1, self.num_workers),
-            )  # fmt: skip
+            self._inspect(files, True, foreground)
 
     def setup(self, stage: str) -> None:
         """Build the slice datasets that ``stage`` needs, checking every case (cached in the case index)."""
@@ -430,7 +588,7 @@ class LabelledDataModule(MedSegDataModule):
             self._datasets["predict"] = self._datasets["test"]
 
     # -- loaders -------------------------------------------------------------------------------------------
-    def _get(self, split: str) -> SliceDataset:
+    def _get(self, split: str, stage: str) -> SliceDataset:
         if split not in self._datasets:
             self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[split])
         dataset = self._datasets[split]
@@ -439,23 +597,30 @@ class LabelledDataModule(MedSegDataModule):
                 f"{self.name}: the {split} split has no cases (split file {self.split_file}); "
                 "the dataset may be too small for this split or every case was filtered out"
             )
-        return dataset
+        return self._planned(dataset, stage)
+
+    def dataset(self, split: str) -> SliceDataset:
+        """The slice dataset of ``train``, ``val``, ``test`` or ``predict``, with the plan set (for inspection:
+        ``dm.dataset("train")[(index, window, seed)]`` is one training sample)."""
+        return self._get(split, "fit" if split in ("train", "val") else split)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, case-blocked training slices at alternating resolutions."""
-        return self._loader(self._get("train"), train=True, seed=self.seed, empty_slice_ratio=self.empty_slice_ratio)
+        """Shuffled, case-blocked training windows at alternating sizes."""
+        dataset = self._get("train", "fit")
+        return self._loader(dataset, train=True, seed=self.seed, empty_slice_ratio=self.empty_slice_ratio)
 
     def val_dataloader(self) -> DataLoader:
-        """Every slice of the validation cases, case by case, slices ascending."""
-        return self._loader(self._get("val"), train=False)
+        """Every slice of the validation cases, whole, case by case, slices ascending."""
+        stage = "fit" if self.trainer is not None and self.trainer.state.fn == "fit" else "validate"
+        return self._loader(self._get("val", stage), train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Every slice of the test cases, case by case, slices ascending."""
-        return self._loader(self._get("test"), train=False)
+        """Every slice of the test cases, whole, case by case, slices ascending."""
+        return self._loader(self._get("test", "test"), train=False)
 
     def predict_dataloader(self) -> DataLoader:
         """The test slices (labelled datasets predict on their test split)."""
-        return self._loader(self._get("predict"), train=False)
+        return self._loader(self._get("predict", "predict"), train=False)
 
     def train_cases(self) -> list[str]:
         """Training case ids (after fraction, filters and skipping)."""
@@ -470,7 +635,8 @@ class LabelledDataModule(MedSegDataModule):
         return self._cases_of("test")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, fraction={self.fraction}, seed={self.seed})"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, "
+                f"spacing={self.spacing}, fraction={self.fraction}, seed={self.seed})")
 
     __str__ = __repr__  # LightningDataModule's __str__ builds every dataloader
 

@@ -9,22 +9,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from delinea.datamodules.plan import IMAGE_FILL, Plan, crop_window, plan_size, resample_image, resample_mask, window_offsets
 from delinea.datamodules.transforms import augmentation
-from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files, resize_image, resize_mask
+from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
 from delinea.labels import NUM_CLASSES
+
+#: A sample request: (slice index, window size in pixels or 0 for the whole slice, random seed of its crop).
+Request = tuple[int, int, int]
 
 
 class SliceDataset(Dataset):
-    """Axial slices of a list of cases, read lazily, normalised, resized and optionally augmented.
+    """Axial slices of a list of cases, read lazily, normalised, resampled to the plan's spacing, windowed.
 
     The index is two small integer arrays (case number and slice number per sample), so it costs a few bytes
     per slice whatever the dataset size. Each worker keeps the ``cache_cases`` most recently read volumes
-    (stored dtype, memory-mapped for ``.nii``) and normalises only the slices it serves.
+    (stored dtype, memory-mapped for ``.nii``) and normalises and resamples only the slices it serves.
 
-    ``dataset[i]`` serves slice ``i`` at the first resolution; ``dataset[(i, r)]`` at resolution ``r`` (what
-    :class:`~delinea.datamodules.samplers.SliceBatchSampler` yields).
+    ``dataset[i]`` serves slice ``i`` whole, resampled to the plan's spacing (evaluation);
+    ``dataset[(i, window, seed)]`` a ``window x window`` crop of it placed by ``seed`` (training: what
+    :class:`~delinea.datamodules.samplers.SliceBatchSampler` yields), centred on a labelled pixel for a
+    ``foreground_share`` of the seeds, padded with the background value where it reaches past the slice.
+
+    The plan (:attr:`plan`) is set by the datamodule before any loader is built; it is part of the cache key.
 
     Args:
         name: dataset name (part of the cache key).
@@ -33,9 +41,9 @@ class SliceDataset(Dataset):
         spec: label mapping, or None for unlabelled data (predict).
         labelled: per-case class masks, bool (n_cases, 9).
         intensity: intensity normalisation.
-        resolutions: served resolutions; the first is the default.
-        augment: apply random training augmentation (and leave ``cache_key`` empty).
+        augment: apply random training augmentation to training windows (and leave ``cache_key`` empty).
         foreground: per-sample foreground flags, if known.
+        foreground_share: share of training windows centred on a labelled pixel.
         cache_cases: volumes kept per worker.
         ignore_unknown_labels: map unknown label ids to background instead of raising.
         affine_tolerance: image/label affine tolerance in mm.
@@ -49,9 +57,9 @@ class SliceDataset(Dataset):
         spec: LabelSpec | None,
         labelled: np.ndarray,
         intensity: Intensity,
-        resolutions: Sequence[int],
         augment: bool = False,
         foreground: np.ndarray | None = None,
+        foreground_share: float = 0.33,
         cache_cases: int = 4,
         ignore_unknown_labels: bool = False,
         affine_tolerance: float = 1e-3,
@@ -65,12 +73,13 @@ class SliceDataset(Dataset):
         self.spec = spec
         self.labelled = torch.as_tensor(np.asarray(labelled, dtype=bool).reshape(len(cases), NUM_CLASSES))
         self.intensity = intensity
-        self.resolutions = [int(r) for r in resolutions]
         self.augment = augment
         self.foreground = foreground
+        self.foreground_share = float(foreground_share)
         self.cache_cases = max(1, int(cache_cases))
         self.ignore_unknown_labels = ignore_unknown_labels
         self.affine_tolerance = affine_tolerance
+        self.plan: Plan | None = None
         self._stat = [files.stat_key() for files in self.files]
         self._transforms: dict[int, Any] = {}
         self._cache: OrderedDict[int, LoadedCase] = OrderedDict()
@@ -96,57 +105,79 @@ class SliceDataset(Dataset):
             self._cache.popitem(last=False)
         return loaded
 
-    def transform(self, resolution: int) -> Any:
-        """The augmentation pipeline for ``resolution`` (built once per process)."""
-        if resolution not in self._transforms:
-            self._transforms[resolution] = augmentation(resolution)
-            # MONAI's random state is per object: seed it per worker, or every worker draws the same warps.
-            info = get_worker_info()
-            seed = info.seed if info is not None else torch.initial_seed()
-            self._transforms[resolution].set_random_state(seed=(seed + resolution) % 2**32)
-        return self._transforms[resolution]
+    def transform(self, window: int) -> Any:
+        """The augmentation pipeline for ``window`` (built once per process; reseeded per sample)."""
+        if window not in self._transforms:
+            self._transforms[window] = augmentation(window)
+        return self._transforms[window]
 
-    def cache_key(self, index: int, resolution: int, modality: str) -> str:
-        """SHA-1 of everything that determines the preprocessed slice: dataset, root, case, its files' sizes
-        and times, slice, resolution, modality and normalisation."""
+    def cache_key(self, index: int, target: float, modality: str, crop: tuple[int, int, int] | None) -> str:
+        """SHA-1 of everything that determines the served tensor: dataset, root, case, its files' sizes and times,
+        slice, target spacing, window and its place, modality and normalisation."""
         number = int(self.case_of[index])
         text = "|".join(
             [
-                "v1",
+                "v2",
                 self.name,
                 self.root,
                 self.files[number].case_id,
                 self._stat[number],
                 str(int(self.slice_of[index])),
-                str(resolution),
+                f"{target:.6g}",
+                "whole" if crop is None else ",".join(map(str, crop)),
                 self.intensity.key(modality),
             ]
         )
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, resolution = (key if isinstance(key, tuple) else (key, self.resolutions[0]))
-        index, resolution = int(index), int(resolution)
+    def resampled(self, index: int) -> tuple[LoadedCase, float, torch.Tensor, torch.Tensor | None]:
+        """Slice ``index`` normalised and resampled to the plan: (case, target mm, image (1, h, w), mask (h, w))."""
+        if self.plan is None:
+            raise RuntimeError(f"{self.name}: the dataset has no plan yet; the datamodule sets it before loading")
         number, k = int(self.case_of[index]), int(self.slice_of[index])
         loaded = self.case(number)
-        image = resize_image(torch.from_numpy(loaded.image_slice(k, self.intensity))[None], resolution)  # (1, H, W)
-        sample: dict[str, Any] = {"case_id": loaded.files.case_id, "slice_index": k}
-        if self.spec is None:
-            sample["image"] = image.contiguous()
+        target = self.plan.spacing_for(loaded.modality)
+        size = plan_size(loaded.volume.array.shape[:2], loaded.volume.geometry.spacing[:2], target)
+        image = resample_image(torch.from_numpy(loaded.image_slice(k, self.intensity))[None], size)  # (1, h, w)
+        image = image.clamp_(-1.0, 1.0)  # the filter's rounding may step a hair outside the range
+        mask = None
+        if self.spec is not None:
+            if loaded.label is not None:
+                mask = resample_mask(loaded.label[:, :, k], size, NUM_CLASSES)
+            else:
+                mask = torch.zeros(size, dtype=torch.int64)
+        return loaded, target, image, mask
+
+    def __getitem__(self, key: int | Request) -> dict[str, Any]:
+        index, window, seed = (key, 0, 0) if isinstance(key, (int, np.integer)) else key
+        index, window, seed = int(index), int(window), int(seed)
+        loaded, target, image, mask = self.resampled(index)
+        sample: dict[str, Any] = {"case_id": loaded.files.case_id, "slice_index": int(self.slice_of[index])}
+        crop = None
+        augment = False
+        if window:
+            rng = np.random.default_rng(seed)
+            centred = mask is not None and rng.random() < self.foreground_share
+            top, left = window_offsets(tuple(image.shape[-2:]), window, rng, mask if centred else None)
+            crop = (window, top, left)
+            image = crop_window(image, top, left, window, IMAGE_FILL)
+            if mask is not None:
+                mask = crop_window(mask, top, left, window, 0)
+            augment = self.augment and mask is not None
+            if augment:
+                transform = self.transform(window)
+                transform.set_random_state(seed=seed)  # the sample's own draw: workers and resumes agree
+                out = transform({"image": image, "mask": mask[None].float()})
+                image = _plain(out["image"]).float().clamp_(-1.0, 1.0)
+                mask = _plain(out["mask"])[0].round().long()
+        sample["image"] = image.contiguous()
+        if mask is None:
             sample["cache_key"] = ""
             return sample
-        if loaded.label is not None:
-            mask = resize_mask(loaded.label[:, :, k].astype(np.int64), resolution)
-        else:
-            mask = torch.zeros(resolution, resolution, dtype=torch.int64)
-        if self.augment:
-            out = self.transform(resolution)({"image": image, "mask": mask[None].float()})
-            image = _plain(out["image"]).float().clamp_(-1.0, 1.0)
-            mask = _plain(out["mask"])[0].round().long()
-        sample["image"] = image.contiguous()
-        sample["mask"] = mask
+        number = int(self.case_of[index])
+        sample["mask"] = mask.contiguous()
         sample["labelled"] = self.labelled[number].clone()
-        sample["cache_key"] = "" if self.augment else self.cache_key(index, resolution, loaded.modality)
+        sample["cache_key"] = "" if augment else self.cache_key(index, target, loaded.modality, crop)
         return sample
 
 

@@ -1,7 +1,8 @@
 """A small per-case index kept next to the split file, so large datasets are inspected once, not every run.
 
-For each case it records what setup needs: the number of axial slices, the error that makes the case bad
-(if any), and, when asked for, which slices hold foreground. Entries are keyed by the sizes and modification
+For each case it records what setup and planning need: the number of axial slices, the in-plane spacing, the
+modality (read from the image only when the dataset says ``auto``), the error that makes the case bad (if
+any), and, when asked for, which slices hold foreground. Entries are keyed by the sizes and modification
 times of the case's files, so an edited or replaced file is inspected again.
 """
 
@@ -18,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from delinea.datamodules.utils import CaseFiles, LabelSpec, check_case, read_label
-from delinea.io import DatasetError
+from delinea.datamodules.utils import CaseFiles, LabelSpec, check_case, detect_modality, read_label
+from delinea.io import DatasetError, read_volume
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2
 
 
 class CaseIndex:
@@ -55,8 +56,9 @@ class CaseIndex:
     ) -> dict[str, dict[str, Any]]:
         """Entries for ``cases``, inspecting (in ``threads`` threads) those missing or stale, then saving.
 
-        Each entry holds ``slices`` (int), ``error`` (str or None) and, with ``foreground``, ``foreground``
-        (the axial indices holding any labelled voxel; reading every label also checks its ids).
+        Each entry holds ``slices`` (int), ``spacing`` (canonical in-plane spacing in mm, two floats),
+        ``modality`` (``ct``/``mr``), ``error`` (str or None) and, with ``foreground``, ``foreground`` (the axial
+        indices holding any labelled voxel; reading every label also checks its ids).
         """
         todo = []
         options = _options(atol, ignore_unknown)
@@ -103,11 +105,16 @@ def _inspect(
         "options": _options(atol, ignore_unknown),
         "needs_label": needs_label,
         "slices": 0,
+        "spacing": None,
+        "modality": files.modality,
         "error": None,
     }
     try:
         geometry = check_case(files, needs_label, atol)
         entry["slices"] = int(geometry.canonical_shape[2])
+        entry["spacing"] = [float(geometry.spacing[0]), float(geometry.spacing[1])]
+        if files.modality == "auto":
+            entry["modality"] = detect_modality(read_volume(files.image))
         if foreground and spec is not None:
             label = read_label(files, spec, geometry, ignore_unknown, atol)
             entry["foreground"] = np.flatnonzero(label.any(axis=(0, 1))).tolist()

@@ -1,8 +1,9 @@
-"""A batch sampler that picks the slices of each batch, the batch's resolution, and this rank's shard.
+"""A batch sampler that picks the slices of each batch, the batch's window size, and this rank's shard.
 
-Batches carry ``(sample_index, resolution)`` pairs, so one dataset serves several resolutions and every
-sample of a batch has the same size. The order is a function of ``(seed, epoch)`` only, so a resumed run
-sees the same batches.
+Training batches carry ``(sample_index, window, seed)`` requests, so one dataset serves several window sizes,
+every sample of a batch has the same size, and each sample's random crop (and augmentation) is drawn from its
+own seed. Evaluation batches carry ``(sample_index, 0, 0)``: whole resampled slices, one case per batch. The
+order and the seeds are a function of ``(seed, epoch)`` only, so a resumed run sees the same batches.
 
 Distributed training: Lightning (``use_distributed_sampler=True``, the default) injects a
 ``DistributedSampler`` as the ``sampler`` argument when it re-creates this batch sampler; only its
@@ -19,7 +20,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 
 class SliceBatchSampler(BatchSampler):
-    """Batches of ``(index, resolution)`` over a slice index, case-blocked and seeded for training.
+    """Batches of ``(index, window, seed)`` over a slice index, case-blocked and seeded for training.
 
     Training (``shuffle=True``), per epoch:
 
@@ -30,10 +31,11 @@ class SliceBatchSampler(BatchSampler):
     3. give each rank a contiguous, equal-length shard (padded by wrapping around, as ``DistributedSampler``
        does), split it into ``lanes`` contiguous runs, one per loader worker, and interleave their batches:
        the DataLoader hands batch ``i`` to worker ``i % num_workers``, so each worker reads its own cases;
-    4. batch ``b`` of the epoch gets ``resolutions[(b + epoch) % len(resolutions)]``.
+    4. batch ``b`` of the epoch gets window ``resolutions[(b + epoch) % len(resolutions)]``, and every sample a
+       seed drawn from ``(seed, epoch)``.
 
-    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending) at the first
-    resolution. Ranks get whole cases, balanced by slice count, so per-case volumes can be stacked on one
+    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending), whole (window
+    0); a batch never holds two cases, since their resampled slices differ in size. Ranks get whole cases, balanced by slice count, so per-case volumes can be stacked on one
     rank; batch counts may differ by rank (log eval metrics per epoch, not per step with a sync). With fewer
     cases than ranks, the extra ranks repeat a case (with a warning): Lightning needs a batch on every rank.
 
@@ -44,7 +46,7 @@ class SliceBatchSampler(BatchSampler):
         drop_last: drop each lane's last incomplete batch (training only).
         case_of: case number of each sample (N,), non-decreasing in index order.
         foreground: whether each sample has foreground (N,); needed for ``empty_slice_ratio``.
-        resolutions: the resolutions to alternate between.
+        resolutions: the training window sizes to alternate between.
         shuffle: training order (True) or evaluation order (False).
         seed: seed of the order.
         empty_slice_ratio: share of empty slices per training epoch, in [0, 1), or None for all slices.
@@ -160,15 +162,23 @@ class SliceBatchSampler(BatchSampler):
     def _eval_indices(self) -> np.ndarray:
         return np.flatnonzero(np.isin(self.case_of, self._eval_cases()[self.rank]))
 
+    def _eval_batches(self) -> list[np.ndarray]:
+        """This rank's evaluation batches: runs of ``batch_size`` slices that never cross a case boundary."""
+        indices = self._eval_indices()
+        batches = []
+        for case in np.unique(self.case_of[indices]):
+            mine = indices[self.case_of[indices] == case]
+            batches += [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return batches
+
     def _batches(self) -> list[np.ndarray]:
-        if not self.shuffle:
-            indices = self._eval_indices()
-            return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        """This rank's training batches of (index, seed) pairs, shape (n, 2) each."""
         order = self._train_order()
         length = self._shard_length()
         if len(order) == 0:
             return []
-        padded = np.resize(order, length * self.num_replicas)  # wraps around, like DistributedSampler
+        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**31 - 1, length * self.num_replicas)
+        padded = np.stack([np.resize(order, length * self.num_replicas), seeds], 1)  # wraps, like DistributedSampler
         shard = padded[self.rank * length : (self.rank + 1) * length]
         lanes = []
         start = 0
@@ -184,15 +194,18 @@ class SliceBatchSampler(BatchSampler):
             interleaved.extend(batches[i] for batches in lanes if i < len(batches))
         return interleaved
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        if not self.shuffle:
+            for batch in self._eval_batches():
+                yield [(int(i), 0, 0) for i in batch]
+            return
         for b, batch in enumerate(self._batches()):
-            resolution = self.resolutions[(b + self.epoch) % len(self.resolutions)] if self.shuffle else self.resolutions[0]
-            yield [(int(i), resolution) for i in batch]
+            window = self.resolutions[(b + self.epoch) % len(self.resolutions)]
+            yield [(int(i), window, int(seed)) for i, seed in batch]
 
     def __len__(self) -> int:
         if not self.shuffle:
-            n = len(self._eval_indices())
-            return -(-n // self.batch_size)
+            return len(self._eval_batches())
         if len(self.case_of) == 0:
             return 0
         sizes = self._lane_sizes()

@@ -13,21 +13,23 @@ from delinea.io import DatasetError, is_nifti, nifti_stem
 
 
 class ScanDataModule(MedSegDataModule):
-    """Slices of unlabelled scans for ``predict``; :meth:`load_case` gives each scan's geometry for writing
-    predictions back on its own grid.
+    """Slices of unlabelled scans for ``predict``, resampled to the model's plan; :meth:`case_geometry` gives
+    each scan's grid for writing predictions back onto it.
 
     Predict batches carry ``image`` (B, 1, H, W), ``case_id``, ``slice_index`` and an empty ``cache_key``,
-    case by case with slices ascending.
+    case by case with slices ascending, one case per batch.
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, a folder of them, or a folder holding one DICOM series.
         modality: ``'ct'``, ``'mr'`` or ``'auto'`` (CT if the scan holds values below -500 HU).
-        resolution: slice size.
+        resolution: sliding window size; None: the model's.
         batch_size: slices per batch.
         num_workers: loader worker processes.
         window: CT window in HU.
         percentiles: MRI percentile window.
         cache_cases: volumes kept per worker.
+        spacing: in-plane spacing in mm to resample to; None: the model's plan (given, it must agree).
+        plan_file: a plan JSON (it must agree with the model's plan).
     """
 
     name = "scan"
@@ -36,14 +38,17 @@ class ScanDataModule(MedSegDataModule):
         self,
         path: str,
         modality: Literal["ct", "mr", "auto"] = "ct",
-        resolution: int = 256,
+        resolution: int | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         window: tuple[float, float] = (-175.0, 250.0),
         percentiles: tuple[float, float] = (0.5, 99.5),
         cache_cases: int = 2,
+        spacing: float | None = None,
+        plan_file: str | None = None,
     ) -> None:
-        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases)
+        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, spacing=spacing,
+                         plan_file=plan_file)
         if modality not in ("ct", "mr", "auto"):
             raise ValueError(f"scan: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
         self.path = Path(path).expanduser()
@@ -75,11 +80,7 @@ class ScanDataModule(MedSegDataModule):
         """Every slice of every scan, scan by scan, slices ascending."""
         if "predict" not in self._datasets:
             self.setup("predict")
-        return self._loader(self._datasets["predict"], train=False)
-
-    def predict_cases(self) -> list[str]:
-        """Case ids in loader order."""
-        return self._cases_of("predict")
+        return self._loader(self._planned(self._datasets["predict"], "predict"), train=False)
 
     def test_cases(self) -> list[str]:
         """Same as :meth:`predict_cases` (scans have no test split; their slices are the predict set)."""

@@ -1,4 +1,4 @@
-"""Per-case reading shared by every datamodule: file records, label mapping, intensity normalisation, resizing.
+"""Per-case reading shared by every datamodule: file records, label mapping, intensity normalisation.
 
 Everything here runs in loader worker processes too, so it holds no dataset-wide state.
 """
@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from delinea.io import DatasetError, Geometry, Volume, read_geometry, read_volume
 from delinea.labels import NUM_CLASSES
@@ -262,43 +260,3 @@ def load_case_files(
     if spec is not None and files.has_label:
         label = read_label(files, spec, volume.geometry, ignore_unknown, atol)
     return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), label)
-
-
-def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of (C, H, W) to (C, size, size); antialiased so 512 -> 256 averages instead of aliasing."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
-    """Source index of each output pixel under 'nearest-exact' resizing (pixel centres, as torch computes it)."""
-    return np.minimum(((np.arange(size_out) + 0.5) * (size_in / size_out)).astype(np.int64), size_in - 1)
-
-
-def resize_mask(mask: torch.Tensor | np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour ('nearest-exact') resize of an integer mask (..., H, W) to ``size``.
-
-    An index gather rather than ``F.interpolate``: no float round trip, and identical to torch's
-    ``mode='nearest-exact'``, which is symmetric (unlike ``'nearest'``, which shifts by half a pixel).
-    """
-    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if tuple(array.shape[-2:]) != size:
-        rows = nearest_indices(array.shape[-2], size[0])
-        cols = nearest_indices(array.shape[-1], size[1])
-        array = array[..., rows[:, None], cols[None, :]]
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def slices_to_volume(slices: torch.Tensor | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Stack per-slice integer predictions (Z, H, W) back into a canonical volume (X, Y, Z) of ``shape``.
-
-    The inverse of how the loaders cut slices: slice ``k`` is canonical ``[:, :, k]`` resized to (H, W);
-    predictions are resized back with the same nearest-neighbour rule.
-    """
-    slices = torch.as_tensor(np.asarray(slices))
-    if slices.ndim != 3 or slices.shape[0] != shape[2]:
-        raise ValueError(f"expected (Z={shape[2]}, H, W) slices, got shape {tuple(slices.shape)}")
-    volume = resize_mask(slices, (shape[0], shape[1]))  # (Z, X, Y)
-    return volume.permute(1, 2, 0).contiguous().numpy()

@@ -55,12 +55,14 @@ def load_slices(
     exclude: tuple[int, int] | None = None,
     resolution: int = 128,
     only_foreground: bool = False,
+    spacing: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Axial slices of one case of a labelled folder, preprocessed exactly as the datamodules do.
 
     The case is read by :class:`~delinea.datamodules.folder.FolderDataModule` (canonical RAS, CT HU window or
-    MR percentiles to [-1, 1], unified labels) and each slice ``canonical[:, :, k]`` is resized with the
-    datamodules' ``resize_image`` (bilinear) and ``resize_mask`` (nearest).
+    MR percentiles to [-1, 1], unified labels); each slice ``canonical[:, :, k]`` is resampled to ``spacing``
+    with the plan's rules (:mod:`delinea.datamodules.plan`) and the centred ``resolution`` window is kept,
+    padded with background, as evaluation windows are.
 
     Args:
         root: folder with ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz``.
@@ -68,16 +70,17 @@ def load_slices(
         modality: ``ct``, ``mr`` or ``auto``.
         z_range: inclusive canonical slice range to keep; None keeps every slice.
         exclude: inclusive range removed from ``z_range`` (the held-out slab).
-        resolution: output slice size.
+        resolution: window size.
         only_foreground: keep only slices whose mask holds an organ.
+        spacing: in-plane spacing in mm to resample to; None keeps the case's own.
 
     Returns:
         ``(images, masks, slice_indices)``: float32 (Z, 1, R, R) in [-1, 1], int64 (Z, R, R), and the kept z.
     """
     from delinea.datamodules.folder import FolderDataModule
-    from delinea.datamodules.utils import resize_image, resize_mask
+    from delinea.datamodules.plan import IMAGE_FILL, crop_window, plan_size, resample_image, resample_mask
 
-    loaded = FolderDataModule(root=str(root), modality=modality, split="all", resolution=resolution).load_case(case)
+    loaded = FolderDataModule(root=str(root), modality=modality, split="all").load_case(case)
     if loaded.label is None:
         raise ValueError(f"case {case!r} under {root} has no label")
     depth = loaded.image.shape[2]
@@ -89,11 +92,15 @@ def load_slices(
         keep = [k for k in keep if loaded.label[:, :, k].any()]
     if not keep:
         raise ValueError(f"no slices of case {case!r} left in z_range {z_range} without {exclude}")
-    images = torch.stack([resize_image(torch.from_numpy(np.ascontiguousarray(loaded.image[:, :, k]))[None], resolution)
-                          for k in keep])  # (Z, 1, R, R)
-    masks = torch.stack([resize_mask(torch.from_numpy(np.ascontiguousarray(loaded.label[:, :, k])), resolution)
-                         for k in keep]).long()  # (Z, R, R)
-    return images.float().contiguous(), masks, keep
+    size = plan_size(loaded.image.shape[:2], loaded.spacing[:2], spacing) if spacing else loaded.image.shape[:2]
+    top, left = ((n - resolution) // 2 for n in size)
+    images, masks = [], []
+    for k in keep:
+        image = resample_image(torch.from_numpy(np.ascontiguousarray(loaded.image[:, :, k]))[None], size)
+        mask = resample_mask(loaded.label[:, :, k], size, NUM_CLASSES)
+        images.append(crop_window(image, top, left, resolution, IMAGE_FILL))  # (1, R, R)
+        masks.append(crop_window(mask, top, left, resolution, 0))  # (R, R)
+    return torch.stack(images).float().contiguous(), torch.stack(masks).long(), keep
 
 
 def held_out_ct(root: str | Path = "delinea/sample", resolution: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

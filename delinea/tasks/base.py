@@ -1,8 +1,8 @@
-"""The shared base of delinea's Lightning tasks: optimiser and schedule, and the 3D test and predict loops."""
+"""The shared base of delinea's Lightning tasks: optimiser and schedule, the plan, sliding-window inference, and the
+3D validation, test and predict loops (whose files the callbacks of :mod:`delinea.callbacks` write)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Timer
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from delinea.evaluation import case_metrics, case_rows, gather_rows, save_overlays, summarize, write_reports
-from delinea.io import save_nifti
-from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS
+from delinea.datamodules.plan import IMAGE_FILL, Plan, crop_window, tile_offsets
+from delinea.evaluation import case_metrics, case_rows, gather_rows, summarize
+from delinea.labels import FOREGROUND, NUM_CLASSES
 from delinea.tasks.volumes import PredictedCase, VolumeAssembler
 
 _DICE = DiceLoss(sigmoid=True, reduction="none")
@@ -85,7 +86,13 @@ def moving_average(module: nn.Module, decay: float) -> ModelEmaV3:
 
 class SegmentationTask(LightningModule):
     """A slice segmentation task: subclasses build their networks in :meth:`configure_models` and implement
-    :meth:`losses` (training) and :meth:`predict_probabilities` (inference).
+    :meth:`losses` (training), :meth:`predict_probabilities` (inference on windows) and :attr:`size_multiple`.
+
+    The task carries its **plan** (:class:`~delinea.datamodules.plan.Plan`: the spacing and windows it was trained
+    at) in its checkpoints; fitting takes it from the datamodule (or ``init_from``), and validation, test and
+    predict resample every scan to it. Whole resampled slices are covered by overlapping windows with Gaussian
+    blending (:meth:`predict_slices`), and each case's probabilities are resampled back to its own grid before
+    the argmax.
 
     Args:
         lr: AdamW learning rate.
@@ -93,42 +100,150 @@ class SegmentationTask(LightningModule):
         lr_schedule: ``cosine`` or ``linear`` decay to zero over the run (its optimiser steps, or its
             ``max_time``, whichever ends first), or ``constant``.
         warmup_steps: linear warm-up steps before the decay.
+        window_overlap: overlap of neighbouring inference windows, in [0, 1) (nnU-Net: 0.5).
+        val_metrics: also segment the validation cases at every validation and log their 3D Dice
+            (``val/mDSC``, ``val/dice/<organ>``): a curve to choose checkpoints by, at the cost of inference.
     """
 
     def __init__(self, lr: float = 2e-5, weight_decay: float = 0.0, lr_schedule: str = "cosine",
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, window_overlap: float = 0.5, val_metrics: bool = False) -> None:
         super().__init__()
         if lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_schedule {lr_schedule!r} must be 'cosine', 'linear' or 'constant'")
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr ({lr}) must be positive and warmup_steps ({warmup_steps}) non-negative")
+        if not 0 <= window_overlap < 1:
+            raise ValueError(f"window_overlap {window_overlap} must be in [0, 1)")
         self.save_hyperparameters()
         self.configure_models()
-        # Where test reports and predictions go: run options set by the CLI, not hyperparameters, so a
-        # checkpoint never carries an old run's output folder or overwrite permission.
-        self.output_dir: Path | None = None
-        self.overwrite = False
-        self.save_uncertainty = False
-        self.overlay_cases = 3
+        #: The geometry the model works at; set when fitting starts, carried by checkpoints.
+        self.plan: Plan | None = None
+        #: Windows per forward pass when sliding over slices.
+        self.window_batch_size = 8
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the task class, so ``delinea test --ckpt`` rebuilds the right task without a config."""
-        checkpoint["delinea_task"] = f"{type(self).__module__}.{type(self).__name__}"
+    # -- what a task defines -------------------------------------------------------------------------------
 
     def configure_models(self) -> None:
         """Build the networks from ``self.hparams`` (so a checkpoint alone can rebuild them)."""
         raise NotImplementedError
 
+    @property
+    def size_multiple(self) -> int:
+        """Window sides must be multiples of this."""
+        raise NotImplementedError
+
     def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Training losses of a batch; ``loss`` is the one optimised."""
+        """Training losses of a batch of windows; ``loss`` is the one optimised."""
         raise NotImplementedError
 
     def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (N, C, H, W) and a per-pixel uncertainty (N, H, W) for slices (N, 1, H, W)."""
+        """Class probabilities (N, C, h, w) and a per-pixel uncertainty (N, h, w) for windows (N, 1, h, w)."""
         raise NotImplementedError
 
+    def load_parent(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Fine-tuning: take the trainable weights of ``init_from``'s checkpoint (read weights-only)."""
+        raise NotImplementedError
+
+    # -- the plan and checkpoints --------------------------------------------------------------------------
+
+    def check_window(self, window: int, source: str = "window") -> None:
+        """Raise a ValueError naming ``window`` unless it is a positive multiple of :attr:`size_multiple`."""
+        if window < self.size_multiple or window % self.size_multiple:
+            raise ValueError(f"{source} {window} px is not a multiple of {self.size_multiple}, the smallest size "
+                             f"step {type(self).__name__} can take; choose e.g. "
+                             f"{max(1, round(window / self.size_multiple)) * self.size_multiple}")
+
+    def set_plan(self, plan: Plan) -> None:
+        """Adopt a plan after checking its windows against the network."""
+        for window in plan.window:
+            self.check_window(window, "plan window")
+        self.plan = plan
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the task class and the plan, so ``delinea test --ckpt`` rebuilds the model at its geometry."""
+        checkpoint["delinea_task"] = f"{type(self).__module__}.{type(self).__name__}"
+        if self.plan is not None:
+            checkpoint["delinea_plan"] = self.plan.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        plan = checkpoint.get("delinea_plan")
+        self.plan = Plan.from_dict(plan, "the checkpoint's delinea_plan") if plan is not None else None
+
+    def on_fit_start(self) -> None:
+        """Fine-tuning starts from ``init_from`` (unless resuming this run), then the plan is settled: the
+        datamodule's explicit one, else the parent's (or the resumed run's), else the datamodule's own."""
+        parent_plan = None
+        path = self.hparams.get("init_from")
+        if path and self.trainer.ckpt_path is None:
+            checkpoint = read_checkpoint(path, "init_from")
+            self.load_parent(checkpoint, path)
+            if checkpoint.get("delinea_plan") is not None:
+                parent_plan = Plan.from_dict(checkpoint["delinea_plan"], f"init_from {path}")
+        inherited = self.plan if self.trainer.ckpt_path is not None else parent_plan
+        datamodule = self.trainer.datamodule
+        plan = datamodule.plan_for(inherited, "fit") if hasattr(datamodule, "plan_for") else inherited
+        if plan is not None:
+            self.set_plan(plan)
+            self.print(f"delinea: plan {plan.describe()}")
+
+    @property
+    def inference_window(self) -> int | None:
+        """The sliding window: the datamodule's plan (the model's, or an explicit window), else the model's."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        plan = getattr(datamodule, "plan", None) or self.plan
+        return plan.inference_window if isinstance(plan, Plan) else None
+
+    def _check_inference_window(self) -> None:
+        window = self.inference_window
+        if window is not None:
+            self.check_window(window, "inference window (the plan's, or --data.resolution)")
+
+    # -- inference on whole slices -------------------------------------------------------------------------
+
+    def predict_slices(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities (N, C, H, W) and uncertainty (N, H, W) of whole slices (N, 1, H, W) of any size.
+
+        Windows of the plan's inference size (without a plan: one window covering the slice) with
+        ``window_overlap``, Gaussian-weighted blending of probabilities and uncertainty (MONAI's
+        ``sliding_window_inference``); slices smaller than a window are padded with the background value.
+        """
+        window = self.inference_window
+        if window is None:
+            window = -(-max(image.shape[-2:]) // self.size_multiple) * self.size_multiple
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            probabilities, uncertainty = self.predict_probabilities(windows)
+            return torch.cat([probabilities.float(), uncertainty.float()[:, None]], 1)
+
+        out = sliding_window_inference(
+            image, (window, window), self.window_batch_size, predictor, overlap=self.hparams.get("window_overlap", 0.5),
+            mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=IMAGE_FILL,
+        )  # fmt: skip
+        out = torch.as_tensor(out)
+        return out[:, :-1], out[:, -1]
+
+    def tile(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Non-overlapping inference-size windows covering every whole slice of an evaluation batch (padded
+        with background): the windows the validation losses are computed on, the same at every validation."""
+        image, mask = batch["image"], batch["mask"]
+        height, width = image.shape[-2:]
+        window = self.inference_window or -(-max(height, width) // self.size_multiple) * self.size_multiple
+        tiles = [(top, left) for top in tile_offsets(height, window) for left in tile_offsets(width, window)]
+        images = torch.stack([crop_window(image, t, l, window, IMAGE_FILL) for t, l in tiles], 1)  # (N, T, 1, W, W)
+        masks = torch.stack([crop_window(mask, t, l, window, 0) for t, l in tiles], 1)  # (N, T, W, W)
+        n = len(tiles)
+        return {
+            "image": images.flatten(0, 1), "mask": masks.flatten(0, 1),
+            "labelled": batch["labelled"].repeat_interleave(n, 0),
+            "case_id": [c for c in batch["case_id"] for _ in range(n)],
+            "slice_index": batch["slice_index"].repeat_interleave(n, 0),
+            "cache_key": [""] * (len(batch["case_id"]) * n),
+        }  # fmt: skip
+
+    # -- training and validation ---------------------------------------------------------------------------
+
     def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Validation losses; by default the training losses without gradients."""
+        """Validation losses of a batch of windows; by default the training losses without gradients."""
         return self.losses(batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -136,102 +251,102 @@ class SegmentationTask(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
         return losses["loss"]
 
+    def on_validation_epoch_start(self) -> None:
+        self._check_inference_window()
+        if self.hparams.get("val_metrics"):
+            self._start_cases()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.validation_loss(batch, batch_idx)
+        windows = self.tile(batch)
+        losses = self.validation_loss(windows, batch_idx)
         # sync_dist: every rank logs the same reduced value, so checkpoint monitors agree across ranks.
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True,
-                      batch_size=len(batch["image"]))
+                      batch_size=len(windows["image"]))
+        if self.hparams.get("val_metrics"):
+            self._segment(batch, evaluate=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.get("val_metrics"):
+            self._log_metrics("val", self._finish_cases())
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_schedule(self)
 
-    # -- test: slices -> volumes -> 3D metrics and reports --------------------------------------------------
+    # -- test and predict: slices -> volumes on each case's grid -> metrics --------------------------------
 
-    def run_dir(self, stage: str) -> Path:
-        """The folder a stage writes into: the CLI's output folder, else the logger's run folder."""
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        base = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(base) / stage
-
-    def on_test_epoch_start(self) -> None:
-        self._volumes = VolumeAssembler(self.trainer.datamodule.load_case)
+    def _start_cases(self) -> None:
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "case_geometry"):
+            raise TypeError(f"{type(self).__name__} segments whole cases: it needs a delinea datamodule (one that "
+                            f"knows each case's geometry and label), got {type(datamodule).__name__}")
+        self._volumes = VolumeAssembler(datamodule.case_geometry)
         self._rows: list = []
-        self._overlays_written = 0
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        probabilities, uncertainty = self.predict_probabilities(batch["image"])
-        for done in self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty):
-            self._finish_test_case(done)
+    def _segment(self, batch: dict[str, Any], evaluate: bool) -> list[PredictedCase]:
+        """Predict a batch of whole slices and return the cases it completed (scored against their labels
+        when ``evaluate``)."""
+        probabilities, uncertainty = self.predict_slices(batch["image"])
+        done = self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty)
+        if evaluate:
+            for case in done:
+                label, labelled = self.trainer.datamodule.load_label(case.case_id)
+                case.label = label
+                case.metrics = case_metrics(case.labels, label, case.geometry.spacing, labelled=labelled)
+                self._rows.extend(case_rows(case.case_id, case.metrics))
+        return done
 
-    def _finish_test_case(self, done: PredictedCase) -> None:
-        case = done.case
-        if case.label is None:
-            raise ValueError(f"test case {case.case_id!r} ({case.path}) has no label to evaluate against")
-        metrics = case_metrics(done.labels, case.label, case.spacing, labelled=case.labelled)
-        self._rows.extend(case_rows(case.case_id, metrics))
-        if self._overlays_written < self.overlay_cases:
-            save_overlays(case.image, case.label, done.labels, self.run_dir("test") / "overlays" / case.case_id,
-                          spacing=case.spacing, overwrite=self.overwrite)
-            self._overlays_written += 1
-
-    def on_test_epoch_end(self) -> None:
+    def _finish_cases(self) -> list:
         missing = self._volumes.incomplete()
         if missing:
-            raise RuntimeError(f"test cases {missing[:5]} did not receive all their slices; the loader must give "
-                               "every rank whole cases")
-        rows = gather_rows(self._rows)  # every rank gets every case's rows, once
+            raise RuntimeError(f"cases {missing[:5]} did not receive all their slices; the loader must give every "
+                               "rank whole cases")
+        return gather_rows(self._rows)  # every rank gets every case's rows, once
+
+    def _log_metrics(self, stage: str, rows: list) -> dict[str, Any]:
         summary = summarize(rows)
         for organ in FOREGROUND:
             value = summary["organs"].get(organ, {}).get("dice")
             if value is not None:
-                self.log(f"test/dice/{organ}", float(value), rank_zero_only=True)
+                self.log(f"{stage}/dice/{organ}", float(value))
         for key in ("mDSC", "mHD95", "mASSD"):
             if summary.get(key) is not None:
-                self.log(f"test/{key}", float(summary[key]), rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            write_reports(rows, self.run_dir("test"), overwrite=self.overwrite, method=type(self).__name__)
-        self.test_summary = summary
+                self.log(f"{stage}/{key}", float(summary[key]), prog_bar=key == "mDSC")
+        return summary
 
-    # -- predict: slices -> label maps on each input's own grid ---------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._check_inference_window()
+        self._start_cases()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[PredictedCase]:
+        """Segment a batch; returns the cases it completed, with their metrics (for the report callback)."""
+        return self._segment(batch, evaluate=True)
+
+    def on_test_epoch_end(self) -> None:
+        #: Every (case, organ) row of this test, gathered from every rank; and their summary.
+        self.test_rows = self._finish_cases()
+        self.test_summary = self._log_metrics("test", self.test_rows)
 
     def on_predict_epoch_start(self) -> None:
-        self._volumes = VolumeAssembler(self.trainer.datamodule.load_case)
-        self.predicted_files: list[Path] = []
+        self._check_inference_window()
+        self._start_cases()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        probabilities, uncertainty = self.predict_probabilities(batch["image"])
-        for done in self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty):
-            self._write_prediction(done)
-
-    def _write_prediction(self, done: PredictedCase) -> None:
-        case, folder = done.case, self.run_dir("predict")
-        geometry = case.geometry
-        target = folder / f"{case.case_id}_seg.nii.gz"
-        outputs = {"labels": target}
-        if self.save_uncertainty:
-            outputs["uncertainty"] = folder / f"{case.case_id}_uncertainty.nii.gz"
-        sidecar = folder / f"{case.case_id}_seg.json"
-        for path in [*outputs.values(), sidecar]:
-            if path.exists() and not self.overwrite:
-                raise FileExistsError(f"{path} exists; pass --overwrite true to replace it")
-        save_nifti(geometry.to_original(done.labels).astype(np.uint8), geometry.original_affine, target,
-                   overwrite=self.overwrite)
-        if self.save_uncertainty:
-            save_nifti(geometry.to_original(done.uncertainty.astype(np.float32)), geometry.original_affine,
-                       outputs["uncertainty"], overwrite=self.overwrite)
-        present = sorted(int(v) for v in np.unique(done.labels))
-        sidecar.write_text(json.dumps({
-            "source": str(case.path),
-            "labels": {str(i): name for i, name in enumerate(ORGANS)},
-            "present": {ORGANS[i]: int((done.labels == i).sum()) for i in present if i},
-            "spacing_mm": [float(s) for s in case.spacing],
-            "model": type(self).__name__,
-            "files": {k: str(v) for k, v in outputs.items()},
-        }, indent=2) + "\n")
-        self.predicted_files.append(target)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[PredictedCase]:
+        """Segment a batch; returns the cases it completed (for the prediction writer)."""
+        return self._segment(batch, evaluate=False)
 
     def on_predict_epoch_end(self) -> None:
-        missing = self._volumes.incomplete()
-        if missing:
-            raise RuntimeError(f"predicted cases {missing[:5]} did not receive all their slices")
+        self._finish_cases()
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A delinea checkpoint read weights-only (no pickled code can run); errors name ``what`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}={str(path)!r} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for files that are not checkpoints
+        raise ValueError(f"{what} {path} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what} {path} is not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
+    return checkpoint

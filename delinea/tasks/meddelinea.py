@@ -68,6 +68,8 @@ class MedDelineaTask(SegmentationTask):
         inference_dtype: precision of sampling in validation, test and predict: ``auto`` (bf16 autocast where the
             hardware has native bf16, a CUDA GPU or a CPU with AVX512-BF16/AMX; else float32), ``bfloat16`` or
             ``float32``. The sampler state and the probabilities stay float32 (benchmarks/fastpaths.py).
+        window_overlap: overlap of neighbouring inference windows.
+        val_metrics: segment the validation cases at every validation and log ``val/mDSC``.
     """
 
     def __init__(
@@ -94,6 +96,8 @@ class MedDelineaTask(SegmentationTask):
         zero_image: bool = False,
         ema_decay: float = 0.0,
         inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        window_overlap: float = 0.5,
+        val_metrics: bool = False,
     ) -> None:
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay {ema_decay} must be in [0, 1)")
@@ -103,7 +107,8 @@ class MedDelineaTask(SegmentationTask):
             raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
         if not 0 <= timestep_bias <= 10:
             raise ValueError(f"timestep_bias {timestep_bias} must be in [0, 10] (0: uniform timesteps)")
-        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         window_overlap=window_overlap, val_metrics=val_metrics)
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -130,19 +135,16 @@ class MedDelineaTask(SegmentationTask):
                                                              "head": self.model.vae.head}))
         self.ema = moving_average(self.trainable, hp.ema_decay) if hp.ema_decay else None
 
-    def on_fit_start(self) -> None:
-        """Fine-tuning: start the control branch and head from ``init_from``, unless resuming this run.
+    @property
+    def size_multiple(self) -> int:
+        return self.model.size_multiple
 
-        Done here rather than at construction, so that loading this task's own checkpoint later (test,
-        predict) neither needs the ``init_from`` file nor reads it for weights that are replaced anyway.
+    def load_parent(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Fine-tuning: start the control branch and head from ``init_from``'s (a MedDelinea checkpoint).
+
+        Done when fitting starts rather than at construction, so that loading this task's own checkpoint later
+        (test, predict) neither needs the ``init_from`` file nor reads it for weights that are replaced anyway.
         """
-        if self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._init_trainable_from(self.hparams.init_from)
-            if self.ema is not None:  # the average starts from the loaded weights
-                self.ema = moving_average(self.trainable, self.hparams.ema_decay)
-
-    def _init_trainable_from(self, path: str) -> None:
-        checkpoint = torch.load(_existing(path, "init_from"), map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
         wanted = {k: v for k, v in state.items() if k.startswith(("model.control.", "model.vae.head."))}
         if not wanted:
@@ -154,6 +156,8 @@ class MedDelineaTask(SegmentationTask):
             raise ValueError(f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
                              f"control_blocks against the checkpoint's hyperparameters")
         self.load_state_dict(wanted, strict=False)
+        if self.ema is not None:  # the average starts from the loaded weights
+            self.ema = moving_average(self.trainable, self.hparams.ema_decay)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -239,7 +243,7 @@ class MedDelineaTask(SegmentationTask):
 
     @torch.no_grad()
     def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (N, C, H, W) and uncertainty (N, H, W) of slices, by sampling."""
+        """Class probabilities (N, C, h, w) and uncertainty (N, h, w) of windows, by sampling."""
         with self.ema_weights():
             return self._sample(image)
 
@@ -270,6 +274,7 @@ class MedDelineaTask(SegmentationTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill frozen weights left out of the checkpoint from the backbones just loaded, after checking them."""
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         missing = self.frozen_keys() - set(state)
         if not missing:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,6 +26,8 @@ class UNetTask(SegmentationTask):
         lr_schedule: ``cosine``, ``linear`` or ``constant``.
         warmup_steps: linear warm-up steps.
         init_from: a UNetTask checkpoint whose weights initialise this one (fine-tuning).
+        window_overlap: overlap of neighbouring inference windows.
+        val_metrics: segment the validation cases at every validation and log ``val/mDSC``.
     """
 
     def __init__(
@@ -39,10 +40,13 @@ class UNetTask(SegmentationTask):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         warmup_steps: int = 0,
         init_from: str | None = None,
+        window_overlap: float = 0.5,
+        val_metrics: bool = False,
     ) -> None:
         if len(channels) < 2:
             raise ValueError(f"channels {channels} needs at least two levels")
-        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         window_overlap=window_overlap, val_metrics=val_metrics)
 
     @property
     def size_multiple(self) -> int:
@@ -56,16 +60,9 @@ class UNetTask(SegmentationTask):
                           strides=[2] * (len(channels) - 1), num_res_units=self.hparams.num_res_units,
                           dropout=self.hparams.dropout)
 
-    def on_fit_start(self) -> None:
-        """Fine-tuning: start from ``init_from`` when fitting (not resuming); loading this task's own
-        checkpoint later does not need that file."""
-        if self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._init_from(self.hparams.init_from)
-
-    def _init_from(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from={path!r} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    def load_parent(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Fine-tuning: start from ``init_from``'s weights (a UNetTask checkpoint)."""
+        state = checkpoint.get("state_dict", {})
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(weights)

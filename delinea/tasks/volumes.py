@@ -7,34 +7,47 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from delinea.datamodules import Case
+from delinea.datamodules.plan import resample_probabilities
+from delinea.io import Geometry
 
 
 @dataclass(eq=False)
 class PredictedCase:
-    """A case with its predicted label map and uncertainty, both canonical (X, Y, Z)."""
+    """A case's predicted label map and uncertainty, canonical (X, Y, Z) on the case's own grid.
 
-    case: Case
+    Attributes:
+        case_id: the case.
+        geometry: its grid (``geometry.to_original`` maps the arrays back to the file's voxel order).
+        labels: unified ids, uint8.
+        uncertainty: per-voxel uncertainty in [0, 1], float16.
+        label: the case's canonical label when it was scored (test), else None.
+        metrics: per-organ metrics against the label (test), else None.
+    """
+
+    case_id: str
+    geometry: Geometry
     labels: np.ndarray
     uncertainty: np.ndarray
-    seen: set[int] = field(default_factory=set)
+    label: np.ndarray | None = None
+    metrics: dict | None = None
+    seen: set[int] = field(default_factory=set, repr=False)
 
 
 class VolumeAssembler:
     """Collects slice probabilities case by case and hands back each case once all its slices arrived.
 
-    Each slice's class probabilities are resized (bilinear) from the network's resolution to the case's
-    in-plane size before the argmax, so label maps live on the case's own grid with no nearest-neighbour
-    blockiness. Only uint8 labels and float16 uncertainty are kept per open case.
+    Slices arrive on the plan's grid (each case's own resampled size); their class probabilities are resampled
+    to the case's in-plane size before the argmax (:func:`~delinea.datamodules.plan.resample_probabilities`), so
+    label maps live on the case's own grid. The grid comes from the image header: no voxel data are read here.
+    Only uint8 labels and float16 uncertainty are kept per open case.
 
     Args:
-        load_case: the datamodule's ``load_case`` (geometry, image and label of a case id).
+        geometry_of: a case id's geometry (the datamodule's ``case_geometry``).
     """
 
-    def __init__(self, load_case: Callable[[str], Case]) -> None:
-        self.load_case = load_case
+    def __init__(self, geometry_of: Callable[[str], Geometry]) -> None:
+        self.geometry_of = geometry_of
         self.open: dict[str, PredictedCase] = {}
 
     def add(self, case_ids: Sequence[str], slice_indices: torch.Tensor, probabilities: torch.Tensor,
@@ -43,18 +56,19 @@ class VolumeAssembler:
         finished = []
         for i, case_id in enumerate(case_ids):
             if case_id not in self.open:
-                case = self.load_case(case_id)
-                shape = case.image.shape
-                self.open[case_id] = PredictedCase(case, np.zeros(shape, np.uint8), np.zeros(shape, np.float16))
+                geometry = self.geometry_of(case_id)
+                shape = geometry.canonical_shape
+                self.open[case_id] = PredictedCase(case_id, geometry, np.zeros(shape, np.uint8),
+                                                   np.zeros(shape, np.float16))
             entry = self.open[case_id]
             x, y, z = entry.labels.shape
             k = int(slice_indices[i])
             if not 0 <= k < z:
                 raise IndexError(f"slice {k} outside case {case_id!r} with {z} slices")
-            probs = F.interpolate(probabilities[i : i + 1].float(), size=(x, y), mode="bilinear", align_corners=False)
-            unc = F.interpolate(uncertainty[i : i + 1, None].float(), size=(x, y), mode="bilinear", align_corners=False)
-            entry.labels[:, :, k] = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-            entry.uncertainty[:, :, k] = unc[0, 0].cpu().numpy().astype(np.float16)
+            both = torch.cat([probabilities[i : i + 1].float(), uncertainty[i : i + 1, None].float()], 1)
+            native = resample_probabilities(both, (x, y))[0]  # (C + 1, X, Y)
+            entry.labels[:, :, k] = native[:-1].argmax(0).cpu().numpy().astype(np.uint8)
+            entry.uncertainty[:, :, k] = native[-1].clamp(0, 1).cpu().numpy().astype(np.float16)
             entry.seen.add(k)
             if len(entry.seen) == z:
                 finished.append(self.open.pop(case_id))

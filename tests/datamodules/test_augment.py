@@ -16,15 +16,14 @@ Layout = tuple[Path, dict[str, Phantom]]
 
 def test_augmentation_varies_keeps_range_and_never_flips_sides(btcv: Layout) -> None:
     dm = BTCVDataModule(root=str(btcv[0]), resolution=64, batch_size=4, augment=True)
-    dm.setup("fit")
-    dataset = dm._datasets["train"]
-    plain = BTCVDataModule(root=str(btcv[0]), resolution=64)
-    plain.setup("fit")
+    dataset = dm.dataset("train")
+    plain = BTCVDataModule(root=str(btcv[0]), resolution=64).dataset("train")
     index = next(i for i in range(len(dataset)) if dataset.slice_of[i] == 3)
-    reference = plain._datasets["train"][(index, 64)]
     changed, left_of_right = 0, []
-    for _ in range(12):
-        sample = dataset[(index, 64)]
+    for seed in range(12):
+        sample = dataset[(index, 64, seed)]
+        reference = plain[(index, 64, seed)]  # the same window, not augmented
+        assert torch.equal(dataset[(index, 64, seed)]["image"], sample["image"])  # a seed is one draw
         assert sample["image"].shape == (1, 64, 64) and sample["mask"].shape == (64, 64)
         assert sample["image"].min() >= -1 and sample["image"].max() <= 1 and sample["cache_key"] == ""
         assert sample["mask"].dtype == torch.int64 and set(sample["mask"].unique().tolist()) <= set(range(9))

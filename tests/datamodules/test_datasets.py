@@ -18,10 +18,12 @@ from delinea.datamodules import (
     FolderDataModule,
     LabelledDataModule,
     PanSegDataModule,
+    Plan,
 )
 from delinea.datamodules.splits import default_split_path
-from delinea.labels import ORGAN_IDS, ORGANS
 from delinea.datamodules.synthetic import Phantom
+from delinea.labels import ORGAN_IDS, ORGANS
+from delinea.tasks.volumes import VolumeAssembler
 
 Layout = tuple[Path, dict[str, Phantom]]
 
@@ -224,57 +226,66 @@ def test_root_from_environment(btcv: Layout, monkeypatch: pytest.MonkeyPatch, tm
 def test_batches_follow_the_contract(btcv: Layout) -> None:
     dm = BTCVDataModule(root=str(btcv[0]), resolution=32, batch_size=4)
     dm.setup("fit")
-    keys = set()
-    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+    train_keys, val_keys = set(), set()
+    # The plan: the median in-plane spacing of the training phantoms (1.6 and 1.4 mm), windows of 32 px.
+    for loader, keys in ((dm.train_dataloader(), train_keys), (dm.val_dataloader(), val_keys)):
+        assert dm.plan == Plan({"ct": 1.5}, (32,))
         for batch in loader:
             b = len(batch["case_id"])
-            assert batch["image"].shape == (b, 1, 32, 32) and batch["image"].dtype == torch.float32
+            # training: 32 x 32 windows; validation: whole slices at 1.5 mm (24 x 1.6 and 20 x 1.4 mm), one case
+            size = (32, 32) if keys is train_keys else (26, 19)
+            assert batch["image"].shape == (b, 1, *size) and batch["image"].dtype == torch.float32
             assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-            assert batch["mask"].shape == (b, 32, 32) and batch["mask"].dtype == torch.int64
+            assert batch["mask"].shape == (b, *size) and batch["mask"].dtype == torch.int64
             assert 0 <= batch["mask"].min() and batch["mask"].max() <= 8
             assert batch["labelled"].shape == (b, 9) and batch["labelled"].dtype == torch.bool
             assert batch["slice_index"].dtype == torch.int64 and batch["slice_index"].shape == (b,)
             assert all(isinstance(c, str) for c in batch["case_id"])
+            assert keys is train_keys or len(set(batch["case_id"])) == 1
             assert all(len(k) == 40 for k in batch["cache_key"])
             keys.update(batch["cache_key"])
-    n_train = sum(6 for _ in dm.train_cases())
-    assert len(keys) == n_train + 6 * len(dm.val_cases())  # one key per distinct slice
+    assert len(val_keys) == 6 * len(dm.val_cases())  # one key per whole slice
+    assert len(train_keys) == 6 * len(dm.train_cases())  # one window per slice per epoch, each its own key
     # The CT window: -1000 HU air is -1, organ contrast is preserved in between.
     assert (batch["image"] == -1).any() and (batch["image"] > 0.3).any()
+    assert Plan.load(dm.split_file.with_name(dm.split_file.stem + ".plan.json")) == dm.plan  # written beside
 
 
-def test_cache_key_changes_with_what_changes_the_slice(btcv: Layout) -> None:
+def test_cache_key_changes_with_what_changes_the_sample(btcv: Layout) -> None:
     root = str(btcv[0])
-    dm = BTCVDataModule(root=root, resolution=[32, 64])
-    dm.setup("fit")
-    ds = dm._datasets["train"]
-    base = ds[(0, 32)]["cache_key"]
-    assert ds[(0, 32)]["cache_key"] == base and ds[(0, 64)]["cache_key"] != base and ds[(1, 32)]["cache_key"] != base
-    windowed = BTCVDataModule(root=root, resolution=32, window=(-100.0, 200.0))
-    windowed.setup("fit")
-    assert windowed._datasets["train"][(0, 32)]["cache_key"] != base
+    ds = BTCVDataModule(root=root, resolution=[32, 64]).dataset("train")
+    base = ds[(0, 32, 0)]["cache_key"]
+    assert ds[(0, 32, 0)]["cache_key"] == base and ds[(0, 64, 0)]["cache_key"] != base
+    assert ds[(1, 32, 0)]["cache_key"] != base
+    assert len({ds[(0, 32, seed)]["cache_key"] for seed in range(20)}) > 5  # the window's place is in the key
+    windowed = BTCVDataModule(root=root, resolution=32, window=(-100.0, 200.0)).dataset("train")
+    assert windowed[(0, 32, 0)]["cache_key"] != base
+    finer = BTCVDataModule(root=root, resolution=32, spacing=1.0).dataset("train")
+    assert finer[(0, 32, 0)]["cache_key"] != base  # so is the plan's spacing
     augmented = BTCVDataModule(root=root, resolution=32, augment=True)
-    augmented.setup("fit")
-    assert augmented._datasets["train"][(0, 32)]["cache_key"] == ""
-    assert augmented._datasets["val"][(0, 32)]["cache_key"] != ""  # validation is never augmented
+    assert augmented.dataset("train")[(0, 32, 0)]["cache_key"] == ""
+    assert augmented.dataset("val")[0]["cache_key"] != ""  # validation is never augmented
 
 
 def test_eval_loaders_are_case_by_case_in_slice_order(amos: Layout) -> None:
-    from delinea.datamodules import slices_to_volume
-
     dm = AMOSDataModule(root=str(amos[0]), resolution=48, batch_size=4)
     dm.setup("fit")
     dm.setup("test")
     for loader, cases in ((dm.val_dataloader(), dm.val_cases()), (dm.test_dataloader(), dm.test_cases())):
-        seen, masks = [], {}
+        seen = []
+        assembler = VolumeAssembler(dm.case_geometry)
         for batch in loader:
-            for case_id, k, mask in zip(batch["case_id"], batch["slice_index"].tolist(), batch["mask"]):
-                seen.append((case_id, k))
-                masks.setdefault(case_id, []).append(mask)
-        assert seen == [(c, k) for c in cases for k in range(6)]
-        for case_id, slices in masks.items():  # stacking the slices back gives the label exactly
-            volume = slices_to_volume(torch.stack(slices), (24, 20, 6))
-            np.testing.assert_array_equal(volume, dm.load_case(case_id).label)
+            assert len(set(batch["case_id"])) == 1
+            seen += list(zip(batch["case_id"], batch["slice_index"].tolist()))
+            onehot = torch.nn.functional.one_hot(batch["mask"], 9).permute(0, 3, 1, 2).float()
+            for case in assembler.add(batch["case_id"], batch["slice_index"], onehot, onehot[:, 0]):
+                # the served masks, stacked and resampled back to the case's own grid, give its label (up to the
+                # edges of these tiny phantoms' organs, some of them 3 pixels across)
+                label = dm.load_case(case.case_id).label
+                for organ in np.unique(label[label > 0]):
+                    dice = 2 * ((case.labels == organ) & (label == organ)).sum() / ((case.labels == organ).sum() + (label == organ).sum())
+                    assert dice >= 0.75, (case.case_id, organ, dice)
+        assert seen == [(c, k) for c in cases for k in range(6)] and not assembler.incomplete()
 
 
 def test_atlas_has_no_test_split(atlas8k: Layout) -> None:

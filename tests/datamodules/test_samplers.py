@@ -21,7 +21,7 @@ def _case_of(counts: list[int]) -> np.ndarray:
 
 
 def _flat(sampler: SliceBatchSampler) -> list[int]:
-    return [i for batch in sampler for i, _ in batch]
+    return [i for batch in sampler for i, *_ in batch]
 
 
 def test_training_order_is_a_seeded_permutation_per_epoch() -> None:
@@ -46,11 +46,11 @@ def test_case_blocks_keep_few_cases_per_run() -> None:
 def test_resolution_alternates_per_batch_and_shifts_with_epoch() -> None:
     sampler = SliceBatchSampler(batch_size=3, case_of=_case_of([6, 6]), resolutions=[256, 512], shuffle=True)
     assert [batch[0][1] for batch in sampler] == [256, 512, 256, 512]
-    assert all(len({r for _, r in batch}) == 1 for batch in sampler)
+    assert all(len({w for _, w, _ in batch}) == 1 for batch in sampler)
     sampler.set_epoch(1)
     assert [batch[0][1] for batch in sampler] == [512, 256, 512, 256]
     evaluation = SliceBatchSampler(batch_size=3, case_of=_case_of([6, 6]), resolutions=[256, 512], shuffle=False)
-    assert {batch[0][1] for batch in evaluation} == {256}
+    assert {batch[0][1] for batch in evaluation} == {0}  # evaluation serves whole slices
 
 
 def test_loader_batches_alternate_resolution(btcv: Layout) -> None:
@@ -170,5 +170,5 @@ def test_each_worker_reads_its_own_cases() -> None:
     case_of = _case_of([8] * 8)
     sampler = SliceBatchSampler(batch_size=4, case_of=case_of, shuffle=True, block_cases=2, lanes=2)
     batches = list(sampler)
-    cases_per_worker = [{int(case_of[i]) for b in batches[w::2] for i, _ in b} for w in range(2)]
+    cases_per_worker = [{int(case_of[i]) for b in batches[w::2] for i, *_ in b} for w in range(2)]
     assert cases_per_worker[0].isdisjoint(cases_per_worker[1])  # batch i goes to worker i % 2

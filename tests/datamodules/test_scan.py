@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from delinea.datamodules import DatasetError, ScanDataModule, slices_to_volume
+from delinea.datamodules import DatasetError, Plan, ScanDataModule
 from delinea.datamodules.synthetic import make_phantom, write_dicom_series
 from delinea.io import save_nifti
+from delinea.tasks.volumes import VolumeAssembler
 
 
 def _write(path: Path, orientation: str = "LPS", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,12 +26,13 @@ def _write(path: Path, orientation: str = "LPS", seed: int = 0) -> tuple[np.ndar
 
 def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
     _write(tmp_path / "scan.nii.gz")
-    dm = ScanDataModule(str(tmp_path / "scan.nii.gz"), resolution=32, batch_size=4)
+    dm = ScanDataModule(str(tmp_path / "scan.nii.gz"), resolution=32, batch_size=4, spacing=0.8)
     batches = list(dm.predict_dataloader())
     assert [len(b["case_id"]) for b in batches] == [4, 2]
     batch = batches[0]
     assert set(batch) == {"image", "case_id", "slice_index", "cache_key"}
-    assert batch["image"].shape == (4, 1, 32, 32) and batch["image"].dtype == torch.float32
+    # whole slices at 0.8 mm: 24 x 1.6 mm and 20 x 1.4 mm, aspect kept
+    assert batch["image"].shape == (4, 1, 48, 35) and batch["image"].dtype == torch.float32
     assert batch["case_id"] == ["scan"] * 4 and batch["slice_index"].tolist() == [0, 1, 2, 3]
     case = dm.load_case("scan")
     assert case.label is None and not case.labelled.any() and case.modality == "ct"
@@ -39,22 +41,26 @@ def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
 
 def test_folder_of_scans_and_prediction_written_on_the_input_grid(tmp_path: Path) -> None:
     stored = {name: _write(tmp_path / "in" / f"{name}.nii.gz", o, i) for i, (name, o) in enumerate([("a", "PSL"), ("b", "LPI")])}
-    dm = ScanDataModule(str(tmp_path / "in"), resolution=48, batch_size=5)
-    slices: dict[str, list[torch.Tensor]] = {}
+    dm = ScanDataModule(str(tmp_path / "in"), resolution=48, batch_size=5, spacing=1.0)
+    assembler = VolumeAssembler(dm.case_geometry)
+    done = {}
     for batch in dm.predict_dataloader():
-        for case_id, image in zip(batch["case_id"], batch["image"]):
-            slices.setdefault(case_id, []).append((image[0] > 0).long())  # a "prediction"
-    assert list(slices) == ["a", "b"]
-    for case_id, preds in slices.items():
+        bright = (batch["image"] > 0).float()  # a "prediction": class 1 where the image is bright
+        probabilities = torch.cat([1 - bright, bright], 1)
+        for case in assembler.add(batch["case_id"], batch["slice_index"], probabilities, bright[:, 0]):
+            done[case.case_id] = case
+    assert list(done) == ["a", "b"] and not assembler.incomplete()
+    for case_id, predicted in done.items():
         case = dm.load_case(case_id)
-        volume = slices_to_volume(torch.stack(preds), case.geometry.canonical_shape)
+        assert predicted.geometry.canonical_shape == case.geometry.canonical_shape
+        volume = predicted.labels
         out = save_nifti(case.geometry.to_original(volume).astype(np.uint8), case.geometry.original_affine, tmp_path / "out" / f"{case_id}.nii.gz")
         written = nib.load(str(out))
         image, affine = stored[case_id]
         assert written.shape == image.shape
         np.testing.assert_allclose(written.affine, affine, atol=1e-6)
-        # Thresholding at 0 in [-1, 1] is 37.5 HU in the default window. Through the resized slices the
-        # voxels agree up to interpolation at edges; straight from the canonical case they agree exactly.
+        # Thresholding at 0 in [-1, 1] is 37.5 HU in the default window. Through the slices resampled to 1 mm and
+        # back the voxels agree up to interpolation at edges; straight from the canonical case they agree exactly.
         truth = image > 37.5
         assert (np.asanyarray(written.dataobj).astype(bool) == truth).mean() > 0.9
         np.testing.assert_array_equal(case.geometry.to_original(case.image > 0), truth)
@@ -63,7 +69,7 @@ def test_folder_of_scans_and_prediction_written_on_the_input_grid(tmp_path: Path
 def test_dicom_series_folder(tmp_path: Path) -> None:
     phantom = make_phantom(0, "ct", "LPS")
     write_dicom_series(np.round(phantom.image), phantom.affine, tmp_path / "series")
-    dm = ScanDataModule(str(tmp_path / "series"), resolution=32, batch_size=8)
+    dm = ScanDataModule(str(tmp_path / "series"), resolution=32, batch_size=8, spacing=1.5)
     batch = next(iter(dm.predict_dataloader()))
     assert batch["case_id"] == ["series"] * 6
     case = dm.load_case("series")
@@ -105,5 +111,19 @@ def test_lightning_predict_gets_every_slice_in_order(tmp_path: Path) -> None:
     _write(tmp_path / "s" / "one.nii.gz")
     _write(tmp_path / "s" / "two.nii.gz", "RAS", 1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    out = trainer.predict(_MeanModel(), datamodule=ScanDataModule(str(tmp_path / "s"), resolution=32, batch_size=4))
+    out = trainer.predict(_MeanModel(), datamodule=ScanDataModule(str(tmp_path / "s"), resolution=32, batch_size=4,
+                                                                  spacing=2.0))
     assert [x for batch in out for x in batch] == [(c, k) for c in ("one", "two") for k in range(6)]
+
+
+def test_without_a_model_plan_the_scan_needs_a_spacing(tmp_path: Path) -> None:
+    _write(tmp_path / "scan.nii.gz")
+    with pytest.raises(DatasetError, match="no model plan and no training cases to plan a spacing from"):
+        ScanDataModule(str(tmp_path / "scan.nii.gz")).predict_dataloader()
+    dm = ScanDataModule(str(tmp_path / "scan.nii.gz"), spacing=1.6)
+    assert dm.plan_for(None, "predict") == Plan.uniform(1.6, 256)
+    # a checkpoint's plan wins; an explicit spacing that contradicts it is refused, naming both
+    model = Plan({"ct": 3.0}, (64,))
+    assert ScanDataModule(str(tmp_path / "scan.nii.gz")).plan_for(model, "predict") == model
+    with pytest.raises(DatasetError, match=r"spacing=1\.6 .* disagrees with the model's plan \(ct 3 mm"):
+        dm.plan_for(model, "predict")

@@ -1,0 +1,155 @@
+"""Lightning callbacks that write what ``delinea test`` and ``delinea predict`` produce; the tasks only compute.
+
+Both check their outputs before the first batch, so a run that would refuse to overwrite, or could not write,
+stops before any computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from delinea.evaluation import save_overlays, write_reports
+from delinea.io import save_nifti
+from delinea.labels import ORGANS
+from delinea.tasks.volumes import PredictedCase
+
+REPORT_FILES = ("metrics_per_case.csv", "metrics_summary.json", "metrics_table.md")
+
+
+def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -> Path:
+    """The folder a stage writes into: ``output_dir``, else ``<the run's log folder>/<stage>``."""
+    if output_dir is not None:
+        return Path(output_dir)
+    return Path(trainer.log_dir or trainer.default_root_dir) / stage
+
+
+def check_writable(folder: Path, targets: Sequence[Path], overwrite: bool) -> None:
+    """Refuse before any work: an output folder that is a file or cannot be written, or existing targets.
+
+    Raises:
+        FileExistsError: a target exists and ``overwrite`` is False (the first few are named).
+        NotADirectoryError: ``folder`` (or a parent) is a file.
+        PermissionError: ``folder`` cannot be created or written.
+    """
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"output {folder}: {parent} is a file, not a folder")
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise FileExistsError(f"{names} exist(s); pass --overwrite true to replace, or choose another --output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output {folder} cannot be written ({error.strerror or error})") from None
+
+
+class TestReport(Callback):
+    """Writes a test run's reports: ``metrics_table.md`` (the paper's per-organ table), ``metrics_per_case.csv``,
+    ``metrics_summary.json`` and ``overlays/<case>.png`` for the first ``overlays`` cases of each rank.
+
+    Args:
+        output_dir: the folder; None: ``<run log folder>/test``.
+        overwrite: replace existing reports and figures.
+        overlays: cases per rank to draw overlay figures for (image, ground truth, prediction).
+    """
+
+    def __init__(self, output_dir: str | None = None, overwrite: bool = False, overlays: int = 3) -> None:
+        if overlays < 0:
+            raise ValueError(f"overlays must be non-negative, got {overlays}")
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.overlays = overlays
+        self._drawn = 0
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder = output_folder(self.output_dir, trainer, "test")
+        self._drawn = 0
+        if trainer.is_global_zero:
+            check_writable(self.folder, [self.folder / name for name in REPORT_FILES], self.overwrite)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        for case in outputs or ():
+            if self._drawn >= self.overlays:
+                break
+            image = trainer.datamodule.load_image(case.case_id)  # the image is read for figures only
+            save_overlays(image, case.label, case.labels, self.folder / "overlays" / case.case_id,
+                          spacing=case.geometry.spacing, overwrite=self.overwrite)
+            self._drawn += 1
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_reports(pl_module.test_rows, self.folder, overwrite=self.overwrite, method=type(pl_module).__name__)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes each predicted case as ``<case>_seg.nii.gz`` on the input's exact grid (shape, affine, voxel
+    order), a ``<case>_seg.json`` sidecar, and with ``save_uncertainty`` ``<case>_uncertainty.nii.gz``.
+
+    Args:
+        output_dir: the folder; None: ``<run log folder>/predict``.
+        overwrite: replace existing files.
+        save_uncertainty: also write the per-voxel uncertainty map.
+    """
+
+    def __init__(self, output_dir: str | None = None, overwrite: bool = False, save_uncertainty: bool = False) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.save_uncertainty = save_uncertainty
+
+    def targets(self, case_id: str) -> dict[str, Path]:
+        """The files written for a case."""
+        out = {"labels": self.folder / f"{case_id}_seg.nii.gz", "sidecar": self.folder / f"{case_id}_seg.json"}
+        if self.save_uncertainty:
+            out["uncertainty"] = self.folder / f"{case_id}_uncertainty.nii.gz"
+        return out
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder = output_folder(self.output_dir, trainer, "predict")
+        cases = trainer.datamodule.predict_cases() if hasattr(trainer.datamodule, "predict_cases") else []
+        # Every case's files are checked now: a later case must not fail after earlier ones were written.
+        check_writable(self.folder, [p for c in cases for p in self.targets(c).values()], self.overwrite)
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        for case in prediction or ():
+            self.write(case, trainer, pl_module)
+
+    def write(self, case: PredictedCase, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write one case's label map (and uncertainty) in the input's voxel order, then its sidecar."""
+        targets = self.targets(case.case_id)
+        geometry = case.geometry
+        save_nifti(geometry.to_original(case.labels).astype(np.uint8), geometry.original_affine, targets["labels"],
+                   overwrite=self.overwrite)
+        if self.save_uncertainty:
+            save_nifti(geometry.to_original(case.uncertainty.astype(np.float32)), geometry.original_affine,
+                       targets["uncertainty"], overwrite=self.overwrite)
+        present = sorted(int(v) for v in np.unique(case.labels) if v)
+        plan = getattr(trainer.datamodule, "plan", None)
+        sidecar = {
+            "source": str(trainer.datamodule.case_path(case.case_id)),
+            "labels": {str(i): name for i, name in enumerate(ORGANS)},
+            "present": {ORGANS[i]: int((case.labels == i).sum()) for i in present},
+            "spacing_mm": [float(s) for s in geometry.spacing],
+            "model": type(pl_module).__name__,
+            "plan": plan.to_dict() if plan is not None else None,
+            "files": {k: str(v) for k, v in targets.items() if k != "sidecar"},
+        }
+        # The sidecar is written last and atomically: its presence means the case is complete.
+        temporary = targets["sidecar"].with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(sidecar, indent=2) + "\n")
+        os.replace(temporary, targets["sidecar"])
