@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from delinea.errors import DatasetError
+
 __all__ = [
     "DatasetError",
     "Geometry",
@@ -36,10 +38,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
 # What a corrupt or truncated file raises inside nibabel/numpy/gzip.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
-
-
-class DatasetError(ValueError):
-    """A dataset or input file is missing, unreadable or inconsistent; the message names the file and the fix."""
 
 
 def is_nifti(path: str | Path) -> bool:

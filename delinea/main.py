@@ -22,6 +22,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 import delinea
 import delinea.tasks  # noqa: F401 - lets YAML name tasks by class name
 from delinea.callbacks import PredictionWriter, TestReport
+from delinea.errors import UserError
 import delinea.tasks.backbones  # noqa: F401 - the backbone pretraining tasks (the demo's VAE and DiT)
 from delinea.datamodules import DATAMODULES
 
@@ -200,7 +201,7 @@ def main(args: ArgsType = None) -> None:
     """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2."""
     try:
         build_cli(args)
-    except (CLIError, FileExistsError, NotADirectoryError, PermissionError) as error:
+    except (CLIError, UserError, FileExistsError, NotADirectoryError, PermissionError) as error:
         print(f"delinea: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -101,6 +101,8 @@ class MedSegDataModule(LightningDataModule, ABC):
             evaluation.
         plan_file: a plan JSON to read (or, when fitting without one, where to write the computed plan).
         foreground_share: share of training windows centred on a labelled pixel.
+        body_margin: for a new plan, the margin in mm around each case's body box that slices are cut to; None
+            keeps whole slices. A model's plan keeps its own.
     """
 
     #: Short dataset name (the CLI name and part of split file names and cache keys).
@@ -118,6 +120,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         spacing: float | None = None,
         plan_file: str | None = None,
         foreground_share: float = 0.33,
+        body_margin: float | None = 10.0,
     ) -> None:
         super().__init__()
         self.resolutions = None if resolution is None else list(check_windows(resolution, "resolution"))
@@ -133,6 +136,8 @@ class MedSegDataModule(LightningDataModule, ABC):
             raise ValueError(f"cache_cases must be at least 1, got {cache_cases}")
         if not 0 <= foreground_share <= 1:
             raise ValueError(f"foreground_share must be in [0, 1], got {foreground_share}")
+        if body_margin is not None and not 0 <= body_margin < 1000:
+            raise ValueError(f"body_margin must be a non-negative number of mm or None, got {body_margin}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
@@ -141,6 +146,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         self.spacing = None if spacing is None else check_spacing(spacing)
         self.plan_file = None if plan_file is None else Path(plan_file).expanduser()
         self.foreground_share = float(foreground_share)
+        self.body_margin = body_margin
         #: The geometry every loader serves; resolved once, before the first loader (:meth:`plan_for`).
         self.plan: Plan | None = None
         self.skipped_cases: dict[str, str] = {}
@@ -312,7 +318,7 @@ class MedSegDataModule(LightningDataModule, ABC):
     def _explicit_plan(self, fallback: Plan | None) -> Plan | None:
         """The plan the user named: ``spacing``, else ``plan_file``; None if neither."""
         if self.spacing is not None:
-            return Plan.uniform(self.spacing, self._windows(fallback), "explicit spacing")
+            return Plan.uniform(self.spacing, self._windows(fallback), "explicit spacing", self.body_margin)
         if self.plan_file is not None and self.plan_file.exists():
             plan = Plan.load(self.plan_file)
             return plan.with_window(self.resolutions) if self.resolutions is not None else plan
@@ -324,7 +330,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         for entry in self._inspect(self._planning_cases(), needs_label=False).values():
             if entry["error"] is None and entry.get("spacing"):
                 spacings.setdefault(entry["modality"], []).extend(entry["spacing"])
-        return Plan.from_cases(spacings, self._windows(None))
+        return Plan.from_cases(spacings, self._windows(None), self.body_margin)
 
     def plan_for(self, model_plan: Plan | None, stage: str) -> Plan:
         """Resolve and keep the plan every loader serves, given the model's own plan (or None).
@@ -462,6 +468,7 @@ class LabelledDataModule(MedSegDataModule):
         spacing: in-plane target spacing in mm (see :class:`MedSegDataModule`).
         plan_file: plan JSON to read or write instead of the one beside the split.
         foreground_share: share of training windows centred on a labelled pixel.
+        body_margin: margin in mm of the body crop of a new plan, or None for whole slices.
     """
 
     #: train:val:test ratios of a new split.
@@ -489,9 +496,10 @@ class LabelledDataModule(MedSegDataModule):
         spacing: float | None = None,
         plan_file: str | None = None,
         foreground_share: float = 0.33,
+        body_margin: float | None = 10.0,
     ) -> None:
         super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, affine_tolerance,
-                         spacing, plan_file, foreground_share)
+                         spacing, plan_file, foreground_share, body_margin)
         if not 0 < fraction <= 1:
             raise ValueError(f"{self.name}: fraction must be in (0, 1], got {fraction}")
         if empty_slice_ratio is not None and not 0 <= empty_slice_ratio < 1:

@@ -11,7 +11,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from delinea.datamodules.plan import IMAGE_FILL, Plan, crop_window, plan_size, resample_image, resample_mask, window_offsets
+from delinea.datamodules.plan import (
+    BODY_THRESHOLD,
+    IMAGE_FILL,
+    Axes,
+    Plan,
+    Region,
+    body_box,
+    crop_window,
+    mask_to_lattice,
+    to_lattice,
+    window_offsets,
+)
 from delinea.datamodules.transforms import augmentation
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
 from delinea.labels import NUM_CLASSES
@@ -27,7 +38,9 @@ class SliceDataset(Dataset):
     per slice whatever the dataset size. Each worker keeps the ``cache_cases`` most recently read volumes
     (stored dtype, memory-mapped for ``.nii``) and normalises and resamples only the slices it serves.
 
-    ``dataset[i]`` serves slice ``i`` whole, resampled to the plan's spacing (evaluation);
+    ``dataset[i]`` serves slice ``i`` resampled onto the plan's lattice over the case's body box (evaluation), with
+    ``region`` (that lattice rectangle, :meth:`Region.as_tensor`) and ``box`` (the scan's voxels it covers,
+    ``(x0, x1, y0, y1)`` inside the volume);
     ``dataset[(i, window, seed)]`` a ``window x window`` crop of it placed by ``seed`` (training: what
     :class:`~delinea.datamodules.samplers.SliceBatchSampler` yields), centred on a labelled pixel for a
     ``foreground_share`` of the seeds, padded with the background value where it reaches past the slice.
@@ -83,6 +96,7 @@ class SliceDataset(Dataset):
         self._stat = [files.stat_key() for files in self.files]
         self._transforms: dict[int, Any] = {}
         self._cache: OrderedDict[int, LoadedCase] = OrderedDict()
+        self._boxes: dict[tuple[int, bool], tuple[int, int, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.case_of)
@@ -111,48 +125,62 @@ class SliceDataset(Dataset):
             self._transforms[window] = augmentation(window)
         return self._transforms[window]
 
-    def cache_key(self, index: int, target: float, modality: str, crop: tuple[int, int, int] | None) -> str:
+    def cache_key(self, index: int, region: Region, modality: str, crop: tuple[int, int, int] | None) -> str:
         """SHA-1 of everything that determines the served tensor: dataset, root, case, its files' sizes and times,
-        slice, target spacing, window and its place, modality and normalisation."""
+        slice, the lattice region (spacing and extent), window and its place, modality and normalisation."""
         number = int(self.case_of[index])
         text = "|".join(
             [
-                "v2",
+                "v3",
                 self.name,
                 self.root,
                 self.files[number].case_id,
                 self._stat[number],
                 str(int(self.slice_of[index])),
-                f"{target:.6g}",
+                f"{region.spacing:.6g}:{region.x0},{region.x1},{region.y0},{region.y1}",
                 "whole" if crop is None else ",".join(map(str, crop)),
                 self.intensity.key(modality),
             ]
         )
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def resampled(self, index: int) -> tuple[LoadedCase, float, torch.Tensor, torch.Tensor | None]:
-        """Slice ``index`` normalised and resampled to the plan: (case, target mm, image (1, h, w), mask (h, w))."""
+    def box(self, number: int, loaded: LoadedCase) -> tuple[int, int, int, int]:
+        """The in-plane voxel box of case ``number``'s body (its whole extent when the plan has no body crop)."""
+        crop = self.plan is not None and self.plan.body_margin is not None
+        key = (number, crop)
+        if key not in self._boxes:
+            x, y = loaded.volume.array.shape[:2]
+            self._boxes[key] = body_box(loaded.body_profiles(BODY_THRESHOLD)) if crop else (0, x, 0, y)
+        return self._boxes[key]
+
+    def resampled(self, index: int) -> tuple[LoadedCase, Region, tuple[int, int, int, int], torch.Tensor,
+                                             torch.Tensor | None]:
+        """Slice ``index`` normalised and resampled onto the plan's lattice over the case's body box: (case, region,
+        the scan's voxels it covers, image (1, h, w), mask (h, w))."""
         if self.plan is None:
             raise RuntimeError(f"{self.name}: the dataset has no plan yet; the datamodule sets it before loading")
         number, k = int(self.case_of[index]), int(self.slice_of[index])
         loaded = self.case(number)
-        target = self.plan.spacing_for(loaded.modality)
-        size = plan_size(loaded.volume.array.shape[:2], loaded.volume.geometry.spacing[:2], target)
-        image = resample_image(torch.from_numpy(loaded.image_slice(k, self.intensity))[None], size)  # (1, h, w)
-        image = image.clamp_(-1.0, 1.0)  # the filter's rounding may step a hair outside the range
+        geometry = loaded.volume.geometry
+        axes = Axes.of(geometry.canonical_affine, geometry.canonical_shape)
+        margin = self.plan.body_margin or 0.0
+        region = axes.region(self.box(number, loaded), self.plan.spacing_for(loaded.modality), margin)
+        native = torch.from_numpy(loaded.image_slice(k, self.intensity))
+        image = to_lattice(native[None], axes, region).clamp_(-1.0, 1.0)  # (1, h, w)
         mask = None
         if self.spec is not None:
             if loaded.label is not None:
-                mask = resample_mask(loaded.label[:, :, k], size, NUM_CLASSES)
+                mask = mask_to_lattice(loaded.label[:, :, k], axes, region, NUM_CLASSES)
             else:
-                mask = torch.zeros(size, dtype=torch.int64)
-        return loaded, target, image, mask
+                mask = torch.zeros(region.size, dtype=torch.int64)
+        return loaded, region, axes.voxels_in(region), image, mask
 
     def __getitem__(self, key: int | Request) -> dict[str, Any]:
         index, window, seed = (key, 0, 0) if isinstance(key, (int, np.integer)) else key
         index, window, seed = int(index), int(window), int(seed)
-        loaded, target, image, mask = self.resampled(index)
-        sample: dict[str, Any] = {"case_id": loaded.files.case_id, "slice_index": int(self.slice_of[index])}
+        loaded, region, box, image, mask = self.resampled(index)
+        sample: dict[str, Any] = {"case_id": loaded.files.case_id, "slice_index": int(self.slice_of[index]),
+                                  "region": region.as_tensor(), "box": torch.tensor(box)}
         crop = None
         augment = False
         if window:
@@ -177,7 +205,7 @@ class SliceDataset(Dataset):
         number = int(self.case_of[index])
         sample["mask"] = mask.contiguous()
         sample["labelled"] = self.labelled[number].clone()
-        sample["cache_key"] = "" if augment else self.cache_key(index, target, loaded.modality, crop)
+        sample["cache_key"] = "" if augment else self.cache_key(index, region, loaded.modality, crop)
         return sample
 
 

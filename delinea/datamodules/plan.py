@@ -2,21 +2,35 @@
 
 Like nnU-Net's plans, every model has one: an in-plane target spacing in mm per pixel (per modality) and its
 window size(s) in pixels. Each axial slice is resampled in-plane to the target spacing, keeping its aspect ratio
-(never stretched to a square); training takes ``window x window`` crops of it, and evaluation covers the whole
-resampled slice with overlapping windows and resamples the probabilities back to the scan's own grid
+(never stretched to a square); training takes ``window x window`` crops of it, and evaluation covers it with
+overlapping windows and resamples the probabilities back to the scan's own grid
 (:meth:`delinea.tasks.base.SegmentationTask.predict_slices`, :class:`delinea.tasks.volumes.VolumeAssembler`).
 
-Resampling rules (all with pixel-centre alignment, ``align_corners=False``, so a round trip maps the slice's
-extent onto itself):
+**A lattice fixed in the patient.** The target grid is not laid over each scan's own pixels but fixed in space:
+along each in-plane axis, pixel ``g`` of the plan covers ``[g t, (g + 1) t)`` mm of the scan's coordinate along
+that axis (``t`` the target spacing). A scan is resampled onto the :class:`Region` of this lattice that covers its
+body, and inference windows sit at multiples of their stride on the same lattice. Two scans of one subject at
+other spacings and fields of view therefore give the model the same pixels in the same windows, which neither
+pixel-phase shifts nor a different field of view disturb (strided networks are not shift-invariant).
 
-* images: bilinear, antialiased when shrinking (area-like averaging instead of aliasing);
-* masks: one-hot, bilinear without antialiasing, argmax (nnU-Net's order-1 one-hot rule): boundaries follow the
-  interpolated class shares, and a structure one source pixel wide is kept wherever a target pixel centre
-  falls near it (an antialiased average would hand it to the surrounding background);
-* probabilities back to the scan's grid: bilinear (antialiased when shrinking), then argmax.
+**Body crop.** The region covers the in-plane box of the case's body (voxels brighter than
+:data:`BODY_THRESHOLD` after normalisation, in at least :data:`BODY_SHARE` of a row) plus the plan's
+``body_margin`` in mm, for training and inference alike; predictions outside it are background. The margin may
+reach past the scan's field of view (filled with background), so a body cut off by a narrow field of view gets
+the same box as in a wider one, and no window is spent on the air around the patient: nnU-Net's crop to the
+non-zero region, with air in place of zero (CT air is -1000 HU, not 0).
 
-The resampled size of an extent of ``n`` pixels at ``s`` mm is ``round(n * s / target)``, so the achieved spacing
-differs from the target by at most half a pixel over the whole extent.
+Resampling rules (bilinear sampling at the lattice's pixel centres, ``F.grid_sample``):
+
+* images: Gaussian antialiasing first when the target is coarser (sigma ``(factor - 1) / 2`` source pixels,
+  scikit-image's rule), background outside the scan;
+* masks: one-hot, bilinear without antialiasing, argmax (nnU-Net's order-1 one-hot rule), ties going to the
+  organ rather than background: boundaries follow the interpolated class shares, and a structure one source
+  pixel wide is kept wherever a target pixel centre falls near it. An antialiased (area) average would hand it
+  to the surrounding background: at 0.8 -> 3 mm it kept none of a 0.8 mm line and 3% of a 1.6 mm one, against
+  about half and three quarters with this rule (``benchmarks/geometry.py``);
+* probabilities back to the scan's grid: the same sampling the other way (antialiased when the scan is coarser
+  than the plan), then argmax.
 """
 
 from __future__ import annotations
@@ -40,6 +54,12 @@ from delinea.io import DatasetError
 MAX_SPACING = 20.0
 #: What windows are padded with: air in CT and the background of MRI both normalise to -1.
 IMAGE_FILL = -1.0
+#: A voxel is body when its normalised intensity exceeds this (CT: about -150 HU in the default window, below
+#: fat; MRI: 5% of the 0.5-99.5 percentile range).
+BODY_THRESHOLD = -0.9
+#: A row (or column) of the volume belongs to the body box when this share of its voxels is body: speckle noise
+#: and a thin line of the scanner table do not widen the box.
+BODY_SHARE = 0.01
 PLAN_MODALITIES = ("ct", "mr")
 
 
@@ -73,11 +93,13 @@ class Plan:
         window: training window sizes in pixels (alternated between batches); the first one is the inference
             window.
         source: how the plan was made (``"median of 41 training cases"``, ``"explicit"``...), for the record.
+        body_margin: margin in mm around the body box every slice is cut to; None: whole slices.
     """
 
     spacing: Mapping[str, float]
     window: tuple[int, ...]
     source: str = field(default="", compare=False)
+    body_margin: float | None = 10.0
 
     def __post_init__(self) -> None:
         if not self.spacing:
@@ -89,27 +111,36 @@ class Plan:
             spacing[modality] = check_spacing(value, f"plan spacing ({modality})")
         object.__setattr__(self, "spacing", dict(sorted(spacing.items())))
         object.__setattr__(self, "window", check_windows(tuple(self.window), "plan window"))
+        if self.body_margin is not None:
+            margin = float(self.body_margin)
+            if not math.isfinite(margin) or margin < 0:
+                raise ValueError(f"plan body_margin {self.body_margin!r} must be a non-negative number of mm or None")
+            object.__setattr__(self, "body_margin", margin)
 
     @classmethod
-    def uniform(cls, spacing: float, window: int | Sequence[int], source: str = "explicit") -> Plan:
+    def uniform(cls, spacing: float, window: int | Sequence[int], source: str = "explicit",
+                body_margin: float | None = 10.0) -> Plan:
         """The same spacing for every modality."""
         value = check_spacing(spacing)
-        return cls({m: value for m in PLAN_MODALITIES}, check_windows(window), source)
+        return cls({m: value for m in PLAN_MODALITIES}, check_windows(window), source, body_margin)
 
     @classmethod
-    def from_cases(cls, spacings: Mapping[str, Sequence[float]], window: int | Sequence[int]) -> Plan:
+    def from_cases(cls, spacings: Mapping[str, Sequence[float]], window: int | Sequence[int],
+                   body_margin: float | None = 10.0) -> Plan:
         """The median in-plane spacing of training cases, per modality.
 
         Args:
             spacings: modality -> every training case's in-plane spacing values (both axes of each case).
             window: window size(s) in pixels.
+            body_margin: margin of the body crop in mm, or None.
         """
         present = {m: list(v) for m, v in spacings.items() if len(v)}
         if not present:
             raise DatasetError("cannot plan a spacing: no training case with a readable header")
         counts = ", ".join(f"{len(v) // 2} {m.upper()}" for m, v in present.items())
         median = {m: round(float(np.median(v)), 4) for m, v in present.items()}
-        return cls(median, check_windows(window), f"median in-plane spacing of the training cases ({counts})")
+        return cls(median, check_windows(window), f"median in-plane spacing of the training cases ({counts})",
+                   body_margin)
 
     @property
     def inference_window(self) -> int:
@@ -124,30 +155,33 @@ class Plan:
         return float(np.median(list(self.spacing.values())))
 
     def same_geometry(self, other: Plan) -> bool:
-        """Whether two plans resample to the same spacing (windows may differ)."""
+        """Whether two plans resample and crop alike (windows may differ)."""
         return set(self.spacing) == set(other.spacing) and all(
             abs(self.spacing[m] - other.spacing[m]) <= 1e-6 * self.spacing[m] for m in self.spacing
-        )
+        ) and self.body_margin == other.body_margin
 
     def with_window(self, window: int | Sequence[int]) -> Plan:
-        """The same spacing with other windows."""
-        return Plan(self.spacing, check_windows(window), self.source)
+        """The same geometry with other windows."""
+        return Plan(self.spacing, check_windows(window), self.source, self.body_margin)
 
     def describe(self) -> str:
-        """One line for logs: ``ct 3.00 mm, mr 1.50 mm per pixel; window 256/512 (median of ...)``."""
+        """One line for logs: ``ct 3 mm per pixel; window 256/512 px; body + 10 mm (median of ...)``."""
         spacing = ", ".join(f"{m} {s:.3g} mm" for m, s in self.spacing.items())
         windows = "/".join(str(w) for w in self.window)
-        return f"{spacing} per pixel; window {windows} px" + (f" ({self.source})" if self.source else "")
+        crop = "whole slices" if self.body_margin is None else f"body + {self.body_margin:g} mm"
+        return f"{spacing} per pixel; window {windows} px; {crop}" + (f" ({self.source})" if self.source else "")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what plan files and checkpoints hold)."""
-        return {"spacing_mm": dict(self.spacing), "window": list(self.window), "source": self.source}
+        return {"spacing_mm": dict(self.spacing), "window": list(self.window), "body_margin_mm": self.body_margin,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "plan") -> Plan:
         """Read :meth:`to_dict` output back; ValueError naming ``where`` if it is not a plan."""
         try:
-            return cls(dict(data["spacing_mm"]), tuple(data["window"]), str(data.get("source", "")))
+            return cls(dict(data["spacing_mm"]), tuple(data["window"]), str(data.get("source", "")),
+                       data.get("body_margin_mm", 10.0))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where} is not a delinea plan ({type(error).__name__}: {error}); expected "
                              '{"spacing_mm": {"ct": 1.5}, "window": [256]}') from None
@@ -176,40 +210,158 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resampling one slice
+# The body box
 
 
-def plan_size(shape: Sequence[int], spacing: Sequence[float], target: float) -> tuple[int, int]:
-    """In-plane size (H, W) of a slice of ``shape`` at ``spacing`` mm once resampled to ``target`` mm."""
-    return (max(1, round(shape[0] * spacing[0] / target)), max(1, round(shape[1] * spacing[1] / target)))
+def body_box(body: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int]:
+    """The in-plane box ``(x0, x1, y0, y1)`` (end-exclusive, canonical voxels) of the body.
+
+    Args:
+        body: per-row and per-column body shares of a volume: ``(share of each x row, share of each y column)``
+            (see :meth:`delinea.datamodules.utils.LoadedCase.body_profiles`).
+
+    A volume with no body at all (an empty or blank scan) keeps its whole extent.
+    """
+    box = []
+    for profile in body:
+        inside = np.flatnonzero(np.asarray(profile) >= BODY_SHARE)
+        box += [0, len(profile)] if inside.size == 0 else [int(inside[0]), int(inside[-1]) + 1]
+    return tuple(box)  # type: ignore[return-value]
 
 
-def resample_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resampling of (..., H, W) to ``size``, antialiased when an axis shrinks."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(image.shape[-2:]) == size:
-        return image
-    lead = image.shape[:-2]
-    flat = image.reshape(-1, 1, *image.shape[-2:]).float()
-    shrinks = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-    out = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrinks)
-    return out.reshape(*lead, *size)
+# ----------------------------------------------------------------------------------------------------------
+# The lattice and resampling onto it
 
 
-def resample_mask(mask: torch.Tensor | np.ndarray, size: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Resampling of an integer mask (H, W) to ``size``: one-hot, bilinear without antialiasing, argmax."""
-    mask = torch.as_tensor(np.asarray(mask)).long()
-    size = (int(size[0]), int(size[1]))
-    if tuple(mask.shape) == size:
-        return mask
-    onehot = F.one_hot(mask, num_classes).permute(2, 0, 1)[None].float()  # (1, C, H, W)
-    shares = F.interpolate(onehot, size=size, mode="bilinear", align_corners=False)
-    return shares[0].argmax(0)
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of the plan lattice: plan pixels ``[x0, x1) x [y0, y1)`` of ``spacing`` mm (pixel ``g`` covers
+    ``[g * spacing, (g + 1) * spacing)`` mm along its axis)."""
+
+    x0: int
+    x1: int
+    y0: int
+    y1: int
+    spacing: float
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(rows, columns) of the region."""
+        return self.x1 - self.x0, self.y1 - self.y0
+
+    def as_tensor(self) -> torch.Tensor:
+        """(x0, x1, y0, y1, spacing) as float64, for batches."""
+        return torch.tensor([self.x0, self.x1, self.y0, self.y1, self.spacing], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> Region:
+        """The inverse of :meth:`as_tensor`."""
+        x0, x1, y0, y1, spacing = (float(v) for v in values)
+        return cls(int(x0), int(x1), int(y0), int(y1), spacing)
 
 
-def resample_probabilities(probabilities: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Class probabilities (N, C, h, w) back to the scan's grid ``size`` (bilinear; antialiased when shrinking)."""
-    return resample_image(probabilities, size)
+@dataclass(frozen=True)
+class Axes:
+    """Where a volume's canonical in-plane voxels lie along its own axes: voxel ``j`` of axis ``a`` is centred at
+    ``origin[a] + j * spacing[a]`` mm (the origin projected on the axis direction, so axis-aligned scans of one
+    subject share coordinates)."""
+
+    origin: tuple[float, float]
+    spacing: tuple[float, float]
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, affine: np.ndarray, shape: Sequence[int]) -> Axes:
+        """The in-plane axes of a canonical volume with ``affine`` and ``shape``."""
+        columns = np.asarray(affine, dtype=np.float64)[:3, :2]
+        spacing = np.sqrt((columns**2).sum(0))
+        origin = (columns / spacing).T @ np.asarray(affine, dtype=np.float64)[:3, 3]
+        return cls((float(origin[0]), float(origin[1])), (float(spacing[0]), float(spacing[1])),
+                   (int(shape[0]), int(shape[1])))
+
+    def region(self, box: Sequence[int], target: float, margin: float = 0.0) -> Region:
+        """The lattice region at ``target`` mm covering voxels ``box = (x0, x1, y0, y1)`` (end-exclusive) grown by
+        ``margin`` mm on every side (it may reach past the volume)."""
+        bounds = []
+        for axis in range(2):
+            start = self.origin[axis] + (box[2 * axis] - 0.5) * self.spacing[axis] - margin
+            end = self.origin[axis] + (box[2 * axis + 1] - 0.5) * self.spacing[axis] + margin
+            bounds += [math.floor(start / target + 1e-6), math.ceil(end / target - 1e-6)]
+        return Region(bounds[0], max(bounds[1], bounds[0] + 1), bounds[2], max(bounds[3], bounds[2] + 1), target)
+
+    def voxels_in(self, region: Region) -> tuple[int, int, int, int]:
+        """The volume's voxels ``(x0, x1, y0, y1)`` whose centres lie in ``region`` (where predictions go)."""
+        box = []
+        for axis, (start, end) in enumerate(((region.x0, region.x1), (region.y0, region.y1))):
+            low = math.ceil((start * region.spacing - self.origin[axis]) / self.spacing[axis] - 1e-6)
+            high = math.ceil((end * region.spacing - self.origin[axis]) / self.spacing[axis] - 1e-6)
+            box += [min(max(0, low), self.shape[axis]), min(max(0, high), self.shape[axis])]
+        return tuple(box)  # type: ignore[return-value]
+
+
+def _blur(values: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) with one sigma (pixels) per spatial axis; 0 leaves an axis alone."""
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0.1:
+            continue
+        radius = int(math.ceil(3 * sigma))
+        taps = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, -1, 1) if axis == 0 else (kernel / kernel.sum()).view(1, 1, 1, -1)
+        pad = (0, 0, radius, radius) if axis == 0 else (radius, radius, 0, 0)
+        channels = values.shape[1]
+        values = F.conv2d(F.pad(values, pad, mode="replicate"), kernel.expand(channels, 1, -1, -1), groups=channels)
+    return values
+
+
+def _sample(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, fill: float) -> torch.Tensor:
+    """Bilinear samples of (C, H, W) at fractional pixel coordinates ``rows`` x ``cols`` (a grid); ``fill``
+    outside."""
+    height, width = values.shape[-2:]
+    grid_y = 2 * rows / max(height - 1, 1) - 1
+    grid_x = 2 * cols / max(width - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], -1)[None]  # (1, h, w, 2): x, y
+    shifted = values[None].float() - fill
+    out = F.grid_sample(shifted, grid.to(shifted), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0] + fill
+
+
+def to_lattice(values: torch.Tensor, axes: Axes, region: Region, fill: float = IMAGE_FILL) -> torch.Tensor:
+    """Resample a canonical slice (C, X, Y) onto ``region`` of the lattice: (C, rows, columns), antialiased when the
+    lattice is coarser, ``fill`` outside the scan."""
+    target = region.spacing
+    sigmas = [max(0.0, (target / s - 1) / 2) for s in axes.spacing]
+    if any(sigma > 0.1 for sigma in sigmas):
+        values = _blur((values.float() - fill)[None], sigmas)[0] + fill
+    rows = ((region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * target - axes.origin[0]) / axes.spacing[0]
+    cols = ((region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * target - axes.origin[1]) / axes.spacing[1]
+    return _sample(values, rows, cols, fill)
+
+
+def mask_to_lattice(mask: torch.Tensor | np.ndarray, axes: Axes, region: Region, num_classes: int) -> torch.Tensor:
+    """An integer mask (X, Y) on ``region``: one-hot, bilinear, argmax (ties to the organ); background outside."""
+    onehot = F.one_hot(torch.as_tensor(np.asarray(mask)).long(), num_classes).permute(2, 0, 1).float()
+    rows = ((region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[0]) / axes.spacing[0]
+    cols = ((region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[1]) / axes.spacing[1]
+    shares = _sample(onehot, rows, cols, 0.0)
+    outside = shares.sum(0) < 0.5
+    shares[0] -= 1e-4  # an exact tie (a 1-pixel line at a 2x reduction) goes to the organ, not background
+    labels = shares.argmax(0)
+    labels[outside] = 0
+    return labels
+
+
+def from_lattice(values: torch.Tensor, region: Region, axes: Axes, box: Sequence[int]) -> torch.Tensor:
+    """Resample (C, rows, columns) on ``region`` back to the scan's voxels ``box = (x0, x1, y0, y1)`` (inside the
+    volume): (C, x1 - x0, y1 - y0); antialiased when the scan is coarser than the lattice; 0 outside the region."""
+    sigmas = [max(0.0, (s / region.spacing - 1) / 2) for s in axes.spacing]
+    if any(sigma > 0.1 for sigma in sigmas):
+        values = _blur(values.float()[None], sigmas)[0]
+    x = torch.arange(box[0], box[1], dtype=torch.float64)
+    y = torch.arange(box[2], box[3], dtype=torch.float64)
+    rows = (axes.origin[0] + x * axes.spacing[0]) / region.spacing - 0.5 - region.x0
+    cols = (axes.origin[1] + y * axes.spacing[1]) / region.spacing - 0.5 - region.y0
+    return _sample(values, rows, cols, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,15 +397,28 @@ def window_offsets(
     return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ranges)  # type: ignore[return-value]
 
 
-def crop_window(array: torch.Tensor, top: int, left: int, window: int, fill: float) -> torch.Tensor:
-    """The ``window x window`` patch of (..., H, W) starting at (top, left), padded with ``fill`` outside."""
+def crop_window(array: torch.Tensor, top: int, left: int, window: int | tuple[int, int], fill: float) -> torch.Tensor:
+    """The ``window`` patch (a side, or (rows, columns)) of (..., H, W) starting at (top, left), padded with
+    ``fill`` outside."""
+    rows, cols = (window, window) if isinstance(window, int) else window
     height, width = array.shape[-2:]
-    out = torch.full((*array.shape[:-2], window, window), fill, dtype=array.dtype)
-    y0, y1 = max(0, top), min(height, top + window)
-    x0, x1 = max(0, left), min(width, left + window)
+    out = torch.full((*array.shape[:-2], rows, cols), fill, dtype=array.dtype)
+    y0, y1 = max(0, top), min(height, top + rows)
+    x0, x1 = max(0, left), min(width, left + cols)
     if y1 > y0 and x1 > x0:
         out[..., y0 - top : y1 - top, x0 - left : x1 - left] = array[..., y0:y1, x0:x1]
     return out
+
+
+def lattice_padding(start: int, length: int, window: int, stride: int) -> tuple[int, int]:
+    """Padding (before, after) of a region of ``length`` lattice pixels from pixel ``start`` such that sliding
+    windows of ``stride`` over the padded region are exactly the lattice windows ``[k stride, k stride + window)``
+    that overlap the region: every pixel is then covered by every lattice window that contains it, whatever the
+    region's extent, so a pixel's blended prediction does not depend on where a scan's body box ends."""
+    first = (math.floor((start - window) / stride) + 1) * stride
+    end = start + length
+    last = (math.ceil(end / stride) - 1) * stride + window
+    return start - first, last - end
 
 
 def tile_offsets(length: int, window: int) -> list[int]:
@@ -264,17 +429,22 @@ def tile_offsets(length: int, window: int) -> list[int]:
 
 
 __all__ = [
+    "BODY_SHARE",
+    "BODY_THRESHOLD",
     "IMAGE_FILL",
     "MAX_SPACING",
+    "Axes",
     "Plan",
+    "Region",
+    "body_box",
     "check_spacing",
     "check_windows",
     "crop_window",
+    "from_lattice",
+    "lattice_padding",
+    "mask_to_lattice",
     "offset_range",
-    "plan_size",
-    "resample_image",
-    "resample_mask",
-    "resample_probabilities",
     "tile_offsets",
+    "to_lattice",
     "window_offsets",
 ]

@@ -30,6 +30,8 @@ class ScanDataModule(MedSegDataModule):
         cache_cases: volumes kept per worker.
         spacing: in-plane spacing in mm to resample to; None: the model's plan (given, it must agree).
         plan_file: a plan JSON (it must agree with the model's plan).
+        body_margin: body crop margin in mm of a plan made here (with ``spacing``), or None; a model's plan keeps
+            its own.
     """
 
     name = "scan"
@@ -46,9 +48,10 @@ class ScanDataModule(MedSegDataModule):
         cache_cases: int = 2,
         spacing: float | None = None,
         plan_file: str | None = None,
+        body_margin: float | None = 10.0,
     ) -> None:
         super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, spacing=spacing,
-                         plan_file=plan_file)
+                         plan_file=plan_file, body_margin=body_margin)
         if modality not in ("ct", "mr", "auto"):
             raise ValueError(f"scan: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
         self.path = Path(path).expanduser()

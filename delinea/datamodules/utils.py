@@ -216,6 +216,24 @@ class LoadedCase:
         """The whole normalised canonical image (X, Y, Z) float32."""
         return intensity.apply(self.volume.array, self.bounds, self.volume.slope, self.volume.intercept)
 
+    def body_profiles(self, threshold: float, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Share of voxels brighter than ``threshold`` (a normalised value in [-1, 1]) in every x row and every y
+        column of the volume; computed on the stored values, ``chunk`` slices at a time (no float copy of the
+        volume)."""
+        low, high = self.bounds
+        value = low + (threshold + 1.0) / 2.0 * (high - low)  # the real value that normalises to ``threshold``
+        raw = (value - self.volume.intercept) / self.volume.slope
+        array = self.volume.array
+        rows = np.zeros(array.shape[0])
+        cols = np.zeros(array.shape[1])
+        for start in range(0, array.shape[2], chunk):
+            part = np.asarray(array[:, :, start : start + chunk])
+            body = part > raw if self.volume.slope > 0 else part < raw
+            rows += body.sum(axis=(1, 2))
+            cols += body.sum(axis=(0, 2))
+        depth = max(1, array.shape[2])
+        return rows / (array.shape[1] * depth), cols / (array.shape[0] * depth)
+
 
 def read_label(files: CaseFiles, spec: LabelSpec, geometry: Geometry, ignore_unknown: bool = False, atol: float = 1e-3) -> np.ndarray:
     """Read a case's label file(s) as a canonical unified uint8 map on the image grid ``geometry``.

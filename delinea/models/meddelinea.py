@@ -111,7 +111,8 @@ class MedDelinea(nn.Module):
 
     @torch.no_grad()
     def sample(self, image: torch.Tensor, scheduler: str = "euler_ancestral", steps: int = 20, ensemble: int = 1,
-               generator: torch.Generator | None = None, image_latent: torch.Tensor | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None,
+               image_latent: torch.Tensor | None = None,
                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment images by sampling mask latents from noise, conditioned on the image.
 
@@ -120,7 +121,8 @@ class MedDelinea(nn.Module):
             scheduler: a name from :data:`delinea.models.sampling.SCHEDULERS`.
             steps: sampler steps.
             ensemble: independent samples per image; their softmax probabilities are averaged.
-            generator: random source for the initial noise and ancestral steps.
+            generator: random source for the initial noise and ancestral steps; or one per sample (N x ensemble,
+                image-major), so that each sample's noise does not depend on what else is in the batch.
             image_latent: the image's latent when already known (skips the encoder).
             dtype: run the VAE and the denoiser under autocast to this dtype (``torch.bfloat16``; see
                 :func:`inference_dtype`); the sampler's state, the scheduler arithmetic and the probabilities
@@ -142,7 +144,13 @@ class MedDelinea(nn.Module):
         sampler.set_timesteps(steps, device=z_o.device)
         # Only the ancestral samplers draw noise while stepping; the others take no generator.
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
-        z = torch.randn(z_o.shape, generator=generator, device=z_o.device, dtype=z_o.dtype)
+        if isinstance(generator, list):
+            if len(generator) != len(z_o):
+                raise ValueError(f"{len(generator)} generators for {len(z_o)} samples (images x ensemble)")
+            z = torch.cat([torch.randn((1, *z_o.shape[1:]), generator=g, device=z_o.device, dtype=z_o.dtype)
+                           for g in generator])
+        else:
+            z = torch.randn(z_o.shape, generator=generator, device=z_o.device, dtype=z_o.dtype)
         z = z * sampler.init_noise_sigma
         for t in sampler.timesteps:
             model_input = sampler.scale_model_input(z, t)

@@ -57,12 +57,11 @@ def load_slices(
     only_foreground: bool = False,
     spacing: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Axial slices of one case of a labelled folder, preprocessed exactly as the datamodules do.
+    """Axial slices of one case of a labelled folder, served exactly as the datamodules serve evaluation slices.
 
-    The case is read by :class:`~delinea.datamodules.folder.FolderDataModule` (canonical RAS, CT HU window or
-    MR percentiles to [-1, 1], unified labels); each slice ``canonical[:, :, k]`` is resampled to ``spacing``
-    with the plan's rules (:mod:`delinea.datamodules.plan`) and the centred ``resolution`` window is kept,
-    padded with background, as evaluation windows are.
+    :class:`~delinea.datamodules.folder.FolderDataModule` reads the case (canonical RAS, CT HU window or MR
+    percentiles to [-1, 1], unified labels) and resamples each slice onto its plan's lattice over the body box
+    (:mod:`delinea.datamodules.plan`); the centred ``resolution`` window of it is kept, padded with background.
 
     Args:
         root: folder with ``images/<case>.nii.gz`` and ``labels/<case>.nii.gz``.
@@ -78,26 +77,30 @@ def load_slices(
         ``(images, masks, slice_indices)``: float32 (Z, 1, R, R) in [-1, 1], int64 (Z, R, R), and the kept z.
     """
     from delinea.datamodules.folder import FolderDataModule
-    from delinea.datamodules.plan import IMAGE_FILL, crop_window, plan_size, resample_image, resample_mask
+    from delinea.datamodules.plan import IMAGE_FILL, crop_window
+    from delinea.io import read_geometry
 
-    loaded = FolderDataModule(root=str(root), modality=modality, split="all").load_case(case)
-    if loaded.label is None:
-        raise ValueError(f"case {case!r} under {root} has no label")
-    depth = loaded.image.shape[2]
+    image_file = Path(root) / "images" / f"{case}.nii.gz"
+    own = read_geometry(image_file).spacing[0] if image_file.exists() else None
+    dm = FolderDataModule(root=str(root), modality=modality, split="all", resolution=resolution,
+                          spacing=spacing or own)
+    dataset = dm.dataset("test")
+    number = [f.case_id for f in dataset.files].index(case)
+    depth = int((dataset.case_of == number).sum())
     low, high = z_range if z_range is not None else (0, depth - 1)
     if not 0 <= low <= high < depth:
         raise ValueError(f"z_range {z_range} is outside the {depth} axial slices of case {case!r}")
     keep = [k for k in range(low, high + 1) if exclude is None or not exclude[0] <= k <= exclude[1]]
+    first = int(np.flatnonzero(dataset.case_of == number)[0])
+    items = {k: dataset[first + k] for k in keep}
     if only_foreground:
-        keep = [k for k in keep if loaded.label[:, :, k].any()]
+        keep = [k for k in keep if items[k]["mask"].any()]
     if not keep:
         raise ValueError(f"no slices of case {case!r} left in z_range {z_range} without {exclude}")
-    size = plan_size(loaded.image.shape[:2], loaded.spacing[:2], spacing) if spacing else loaded.image.shape[:2]
-    top, left = ((n - resolution) // 2 for n in size)
     images, masks = [], []
     for k in keep:
-        image = resample_image(torch.from_numpy(np.ascontiguousarray(loaded.image[:, :, k]))[None], size)
-        mask = resample_mask(loaded.label[:, :, k], size, NUM_CLASSES)
+        image, mask = items[k]["image"], items[k]["mask"]
+        top, left = ((n - resolution) // 2 for n in image.shape[-2:])
         images.append(crop_window(image, top, left, resolution, IMAGE_FILL))  # (1, R, R)
         masks.append(crop_window(mask, top, left, resolution, 0))  # (R, R)
     return torch.stack(images).float().contiguous(), torch.stack(masks).long(), keep

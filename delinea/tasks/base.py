@@ -18,7 +18,8 @@ from monai.losses import DiceLoss
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from delinea.datamodules.plan import IMAGE_FILL, Plan, crop_window, tile_offsets
+from delinea.datamodules.plan import IMAGE_FILL, Plan, Region, crop_window, lattice_padding, tile_offsets
+from delinea.errors import OptionError
 from delinea.evaluation import case_metrics, case_rows, gather_rows, summarize
 from delinea.labels import FOREGROUND, NUM_CLASSES
 from delinea.tasks.volumes import PredictedCase, VolumeAssembler
@@ -136,8 +137,10 @@ class SegmentationTask(LightningModule):
         """Training losses of a batch of windows; ``loss`` is the one optimised."""
         raise NotImplementedError
 
-    def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (N, C, h, w) and a per-pixel uncertainty (N, h, w) for windows (N, 1, h, w)."""
+    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (N, C, h, w) and a per-pixel uncertainty (N, h, w) for windows (N, 1, h, w);
+        ``seeds`` (one per window) fix any randomness per window."""
         raise NotImplementedError
 
     def load_parent(self, checkpoint: dict[str, Any], path: str) -> None:
@@ -149,7 +152,7 @@ class SegmentationTask(LightningModule):
     def check_window(self, window: int, source: str = "window") -> None:
         """Raise a ValueError naming ``window`` unless it is a positive multiple of :attr:`size_multiple`."""
         if window < self.size_multiple or window % self.size_multiple:
-            raise ValueError(f"{source} {window} px is not a multiple of {self.size_multiple}, the smallest size "
+            raise OptionError(f"{source} {window} px is not a multiple of {self.size_multiple}, the smallest size "
                              f"step {type(self).__name__} can take; choose e.g. "
                              f"{max(1, round(window / self.size_multiple)) * self.size_multiple}")
 
@@ -200,26 +203,41 @@ class SegmentationTask(LightningModule):
 
     # -- inference on whole slices -------------------------------------------------------------------------
 
-    def predict_slices(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_slices(self, image: torch.Tensor, region: Region | torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities (N, C, H, W) and uncertainty (N, H, W) of whole slices (N, 1, H, W) of any size.
 
         Windows of the plan's inference size (without a plan: one window covering the slice) with
         ``window_overlap``, Gaussian-weighted blending of probabilities and uncertainty (MONAI's
-        ``sliding_window_inference``); slices smaller than a window are padded with the background value.
+        ``sliding_window_inference``). Given the slices' lattice ``region`` (what evaluation batches carry), the
+        slices are padded with background so that windows sit at multiples of their stride on the plan's lattice,
+        and each window's randomness is seeded by its place there: the same anatomy in another scan is covered by
+        the same windows and gets the same prediction.
         """
         window = self.inference_window
         if window is None:
             window = -(-max(image.shape[-2:]) // self.size_multiple) * self.size_multiple
+        overlap = self.hparams.get("window_overlap", 0.5)
+        stride = max(1, int(window * (1 - overlap)))  # MONAI's window interval
+        height, width = image.shape[-2:]
+        if region is None:
+            start, pad = (0, 0), (0, 0, 0, 0)
+        else:
+            region = region if isinstance(region, Region) else Region.from_tensor(region)
+            rows, cols = lattice_padding(region.x0, height, window, stride), lattice_padding(region.y0, width, window, stride)
+            start, pad = (region.x0 - rows[0], region.y0 - cols[0]), (cols[0], cols[1], rows[0], rows[1])
+        padded = F.pad(image, pad, value=IMAGE_FILL)
 
-        def predictor(windows: torch.Tensor) -> torch.Tensor:
-            probabilities, uncertainty = self.predict_probabilities(windows)
+        def predictor(windows: torch.Tensor, places: list) -> torch.Tensor:
+            seeds = [hash((start[0] + place[2].start, start[1] + place[3].start)) % 2**31 for place in places]
+            probabilities, uncertainty = self.predict_probabilities(windows, seeds)
             return torch.cat([probabilities.float(), uncertainty.float()[:, None]], 1)
 
         out = sliding_window_inference(
-            image, (window, window), self.window_batch_size, predictor, overlap=self.hparams.get("window_overlap", 0.5),
-            mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=IMAGE_FILL,
+            padded, (window, window), self.window_batch_size, predictor, overlap=overlap, mode="gaussian",
+            sigma_scale=0.125, padding_mode="constant", cval=IMAGE_FILL, with_coord=True,
         )  # fmt: skip
-        out = torch.as_tensor(out)
+        out = torch.as_tensor(out)[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width]
         return out[:, :-1], out[:, -1]
 
     def tile(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -285,8 +303,10 @@ class SegmentationTask(LightningModule):
     def _segment(self, batch: dict[str, Any], evaluate: bool) -> list[PredictedCase]:
         """Predict a batch of whole slices and return the cases it completed (scored against their labels
         when ``evaluate``)."""
-        probabilities, uncertainty = self.predict_slices(batch["image"])
-        done = self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty)
+        region = batch["region"][0] if "region" in batch else None  # a batch is one case: one region
+        probabilities, uncertainty = self.predict_slices(batch["image"], region)
+        done = self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty,
+                                 batch.get("region"), batch.get("box"))
         if evaluate:
             for case in done:
                 label, labelled = self.trainer.datamodule.load_label(case.case_id)

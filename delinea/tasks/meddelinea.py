@@ -242,21 +242,25 @@ class MedDelineaTask(SegmentationTask):
         return self.losses(batch, generator=generator)
 
     @torch.no_grad()
-    def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (N, C, h, w) and uncertainty (N, h, w) of windows, by sampling."""
+    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (N, C, h, w) and uncertainty (N, h, w) of windows, by sampling; window ``i``'s noise
+        (and its ensemble's) comes from ``seeds[i]`` (default: its index)."""
         with self.ema_weights():
-            return self._sample(image)
+            return self._sample(image, seeds)
 
-    def _sample(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, image: torch.Tensor, seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = resolve_inference_dtype(self.hparams.get("inference_dtype", "auto"), image.device)
         with autocast_to(image.device, dtype):
             image_latent = self.model.vae.encode(image)
         if self.hparams.zero_image:
             image_latent = torch.zeros_like(image_latent)
-        generator = torch.Generator(self.device).manual_seed(0)
+        seeds = list(range(len(image))) if seeds is None else seeds
+        ensemble = self.hparams.ensemble
+        generators = [torch.Generator(self.device).manual_seed(seed * ensemble + e) for seed in seeds
+                      for e in range(ensemble)]  # fmt: skip
         return self.model.sample(image, scheduler=self.hparams.sampler, steps=self.hparams.sampling_steps,
-                                 ensemble=self.hparams.ensemble, generator=generator, image_latent=image_latent,
-                                 dtype=dtype)
+                                 ensemble=ensemble, generator=generators, image_latent=image_latent, dtype=dtype)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

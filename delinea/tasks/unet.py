@@ -83,7 +83,8 @@ class UNetTask(SegmentationTask):
         return {"loss": loss}
 
     @torch.no_grad()
-    def predict_probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(image)
         probabilities = self.model(image).float().softmax(1)
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)

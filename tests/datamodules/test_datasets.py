@@ -232,8 +232,9 @@ def test_batches_follow_the_contract(btcv: Layout) -> None:
         assert dm.plan == Plan({"ct": 1.5}, (32,))
         for batch in loader:
             b = len(batch["case_id"])
-            # training: 32 x 32 windows; validation: whole slices at 1.5 mm (24 x 1.6 and 20 x 1.4 mm), one case
-            size = (32, 32) if keys is train_keys else (26, 19)
+            # training: 32 x 32 windows; validation: whole slices at 1.5 mm, one case per batch: the phantom's body
+            # fills its 38 x 28 mm field of view, so the slice is the lattice region of the body box + 10 mm
+            size = (32, 32) if keys is train_keys else (40, 31)
             assert batch["image"].shape == (b, 1, *size) and batch["image"].dtype == torch.float32
             assert batch["image"].min() >= -1 and batch["image"].max() <= 1
             assert batch["mask"].shape == (b, *size) and batch["mask"].dtype == torch.int64
@@ -278,7 +279,8 @@ def test_eval_loaders_are_case_by_case_in_slice_order(amos: Layout) -> None:
             assert len(set(batch["case_id"])) == 1
             seen += list(zip(batch["case_id"], batch["slice_index"].tolist()))
             onehot = torch.nn.functional.one_hot(batch["mask"], 9).permute(0, 3, 1, 2).float()
-            for case in assembler.add(batch["case_id"], batch["slice_index"], onehot, onehot[:, 0]):
+            for case in assembler.add(batch["case_id"], batch["slice_index"], onehot, onehot[:, 0], batch["region"],
+                                      batch["box"]):
                 # the served masks, stacked and resampled back to the case's own grid, give its label (up to the
                 # edges of these tiny phantoms' organs, some of them 3 pixels across)
                 label = dm.load_case(case.case_id).label

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from delinea.datamodules import DatasetError, Plan, ScanDataModule
+from delinea.datamodules.plan import Region
 from delinea.datamodules.synthetic import make_phantom, write_dicom_series
 from delinea.io import save_nifti
 from delinea.tasks.volumes import VolumeAssembler
@@ -30,9 +31,11 @@ def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
     batches = list(dm.predict_dataloader())
     assert [len(b["case_id"]) for b in batches] == [4, 2]
     batch = batches[0]
-    assert set(batch) == {"image", "case_id", "slice_index", "cache_key"}
-    # whole slices at 0.8 mm: 24 x 1.6 mm and 20 x 1.4 mm, aspect kept
-    assert batch["image"].shape == (4, 1, 48, 35) and batch["image"].dtype == torch.float32
+    assert set(batch) == {"image", "case_id", "slice_index", "cache_key", "region", "box"}
+    # whole slices at 0.8 mm: the body box (the phantom's whole 38.4 x 28 mm) + 10 mm a side, aspect kept
+    rows, cols = Region.from_tensor(batch["region"][0]).size
+    assert abs(rows * 0.8 - 58.4) <= 1.6 and abs(cols * 0.8 - 48.0) <= 1.6
+    assert batch["image"].shape == (4, 1, rows, cols) and batch["image"].dtype == torch.float32
     assert batch["case_id"] == ["scan"] * 4 and batch["slice_index"].tolist() == [0, 1, 2, 3]
     case = dm.load_case("scan")
     assert case.label is None and not case.labelled.any() and case.modality == "ct"
@@ -47,7 +50,8 @@ def test_folder_of_scans_and_prediction_written_on_the_input_grid(tmp_path: Path
     for batch in dm.predict_dataloader():
         bright = (batch["image"] > 0).float()  # a "prediction": class 1 where the image is bright
         probabilities = torch.cat([1 - bright, bright], 1)
-        for case in assembler.add(batch["case_id"], batch["slice_index"], probabilities, bright[:, 0]):
+        for case in assembler.add(batch["case_id"], batch["slice_index"], probabilities, bright[:, 0], batch["region"],
+                                  batch["box"]):
             done[case.case_id] = case
     assert list(done) == ["a", "b"] and not assembler.incomplete()
     for case_id, predicted in done.items():

@@ -1,0 +1,15 @@
+"""The errors delinea reports to users as one line (``delinea: error: ...``, exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A bad input or option; the message names the file or value and what was expected."""
+
+
+class DatasetError(UserError):
+    """A dataset or input file is missing, unreadable or inconsistent; the message names the file and the fix."""
+
+
+class OptionError(UserError):
+    """An option (a value in a config or on the command line) that cannot work; the message names it."""
