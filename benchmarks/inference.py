@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from benchmarks.common import median, paired_ratio, side_by_side, summary, sync
 from benchmarks.models import CTData, slab_dice
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.sampling import SCHEDULERS
-from delinea.datamodules.plan import Plan
 from delinea.tasks.volumes import VolumeAssembler
 
 STEPS = (1, 5, 10, 20, 50)
@@ -44,20 +44,21 @@ def predict_labels(task: Any, images: torch.Tensor, device: torch.device) -> tor
 
 
 def segment_volume(task: Any, data: CTData, device: torch.device, chunk: int = 16) -> np.ndarray:
-    """Label map of the whole CT (its own canonical grid): whole slices at the plan's spacing (the CT's own,
-    3 mm) covered by ``data.resolution`` windows, as ``delinea test`` does."""
-    case = data.case
-    image = torch.from_numpy(np.ascontiguousarray(case.image))
-    depth = image.shape[2]
-    assembler = VolumeAssembler(lambda _: case.geometry)
-    task.set_plan(Plan({"ct": float(case.spacing[0])}, (data.resolution,)))
+    """Label map of the whole CT on its own grid, as ``delinea test`` makes it: the datamodule's whole slices on the
+    plan's lattice, covered by windows (``predict_slices``), resampled back by the assembler."""
+    dm = data.datamodule
+    task.set_plan(dm.plan_for(None, "fit"))
+    dataset = dm.dataset("test")
+    ct = [f.case_id for f in dataset.files].index("ct")
+    indices = np.flatnonzero(dataset.case_of == ct).tolist()
+    assembler = VolumeAssembler(dm.case_geometry)
     done = []
-    for start in range(0, depth, chunk):
-        zs = list(range(start, min(start + chunk, depth)))
-        slices = image[:, :, zs].permute(2, 0, 1)[:, None].to(device)  # (n, 1, X, Y)
+    for start in range(0, len(indices), chunk):
+        batch = default_collate([dataset[i] for i in indices[start : start + chunk]])
         with torch.inference_mode():
-            probabilities, uncertainty = task.predict_slices(slices)
-        done += assembler.add([case.case_id] * len(zs), torch.tensor(zs), probabilities, uncertainty)
+            probabilities, uncertainty = task.predict_slices(batch["image"].to(device), batch["region"][0])
+        done += assembler.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"],
+                              batch["box"])
     assert len(done) == 1
     return done[0].labels
 
@@ -65,7 +66,7 @@ def segment_volume(task: Any, data: CTData, device: torch.device, chunk: int = 1
 def grid(task: Any, data: CTData, device: torch.device, schedulers: list[str], steps: tuple[int, ...],
          ensembles: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
-    depth = data.case.image.shape[2]
+    depth = data.depth
     n = len(data.test_images)
     predict_labels(task, data.test_images[:1], device)  # warm-up
     for scheduler in schedulers:
@@ -118,7 +119,7 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
     n = len(data.test_images)
     current_row = next((r for r in rows if all(r[k] == v for k, v in current.items())), None)
     headline = []
-    depth = int(data.case.image.shape[2])
+    depth = data.depth
     for name, label in (("default", f"MedDelinea, chosen default {chosen}"),
                         ("task_default", f"MedDelinea, task's current default {current}"), ("unet", "UNet")):
         if name not in slab:
@@ -150,7 +151,7 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
         "headline": headline,
         "inference_dtype": f"{md.hparams.get('inference_dtype', 'auto')} -> "
                            f"{resolve_inference_dtype(md.hparams.get('inference_dtype', 'auto'), device) or 'caller'}",
-        "volume_slices": int(data.case.image.shape[2]),
+        "volume_slices": data.depth,
         "resolution": data.resolution,
         "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
     }

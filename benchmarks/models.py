@@ -1,8 +1,8 @@
 """The models section 2 evaluates, and the real CT data it runs on.
 
-Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) at its own
-3 mm in-plane spacing (the demo's plan), each 122 x 101 slice centred in a 128² window padded with air, as
-evaluation windows are (:mod:`delinea.datamodules.plan`). The held-out slab is the demo's: canonical
+Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) served as the
+datamodules serve it (:mod:`delinea.datamodules.plan`) at the demo's geometry scaled to the window: 3 mm per pixel
+at 128 px (``plan_spacing``), each slice's body region centred in a window padded with air. The held-out slab is the demo's: canonical
 z = 86..95 (``delinea.tasks.backbones.CT_HELD_OUT``), 10 slices holding all eight organs; training uses the other
 organ slices z = 61..111. Dice is 3D over the stacked slab on the 128² window grid
 (``delinea.evaluation.case_metrics``), mDSC the mean over the eight organs.
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from delinea.datamodules import FolderDataModule
-from delinea.datamodules.plan import IMAGE_FILL, crop_window
 from delinea.evaluation import case_metrics
 from delinea.labels import FOREGROUND
 from delinea.tasks import MedDelineaTask, UNetTask
+from delinea.tasks.backbones import load_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "delinea" / "sample"
@@ -41,37 +41,35 @@ CT_ORGANS = (61, 111)  # canonical z of the CT slices holding organs
 
 @dataclass
 class CTData:
-    """The sample CT, normalised and canonical, and its slices at ``resolution``."""
+    """The sample CT at the benchmark's plan, and its held-out and training slices in centred windows."""
 
-    case: Any  # delinea.datamodules.Case
+    datamodule: FolderDataModule  # the sample at the plan's spacing: whole-volume inference reads it
     resolution: int
     test_images: torch.Tensor  # (10, 1, R, R) held-out slab
     test_masks: torch.Tensor  # (10, R, R)
     train_images: torch.Tensor  # (n, 1, R, R)
     train_masks: torch.Tensor  # (n, R, R)
-    spacing: tuple[float, float, float]  # of the slab on the R x R grid
+    spacing: tuple[float, float, float]  # of the slab windows
 
-    def slices(self, zs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slices ``zs`` centred in ``resolution``-pixel windows: images (n, 1, R, R), masks (n, R, R)."""
-        image = torch.from_numpy(np.ascontiguousarray(self.case.image))
-        label = torch.from_numpy(np.ascontiguousarray(self.case.label)).long()
-        top, left = ((n - self.resolution) // 2 for n in image.shape[:2])
-        images = torch.stack([crop_window(image[:, :, k][None], top, left, self.resolution, IMAGE_FILL) for k in zs])
-        masks = torch.stack([crop_window(label[:, :, k], top, left, self.resolution, 0) for k in zs])
-        return images, masks
+    @property
+    def depth(self) -> int:
+        """Axial slices of the whole CT volume."""
+        return self.datamodule.case_geometry("ct").canonical_shape[2]
+
+
+def plan_spacing(resolution: int) -> float:
+    """The demo's geometry at any window size: 3 mm at 128 px, so the CT's body fills one window."""
+    return 3.0 * 128 / resolution
 
 
 def load_ct(resolution: int = 128, split_file: str | None = None) -> CTData:
-    dm = FolderDataModule(root=str(SAMPLE), resolution=resolution, split="all", modality="ct",
+    spacing = plan_spacing(resolution)
+    dm = FolderDataModule(root=str(SAMPLE), resolution=resolution, split="all", modality="ct", spacing=spacing,
                           split_file=split_file or str(Path("/tmp") / "delinea_bench_split.json"))
-    case = dm.load_case("ct")
-    data = CTData(case, resolution, *([None] * 4), spacing=(0, 0, 0))  # type: ignore[arg-type]
-    test = list(range(CT_HELD_OUT[0], CT_HELD_OUT[1] + 1))
-    train = [z for z in range(CT_ORGANS[0], CT_ORGANS[1] + 1) if z not in test]
-    data.test_images, data.test_masks = data.slices(test)
-    data.train_images, data.train_masks = data.slices(train)
-    data.spacing = tuple(case.spacing)  # windows at the CT's own spacing: nothing is stretched
-    return data
+    test_images, test_masks, _ = load_slices(SAMPLE, "ct", "ct", CT_HELD_OUT, None, resolution, spacing=spacing)
+    train_images, train_masks, _ = load_slices(SAMPLE, "ct", "ct", CT_ORGANS, CT_HELD_OUT, resolution,
+                                               spacing=spacing)
+    return CTData(dm, resolution, test_images, test_masks, train_images, train_masks, (spacing, spacing, 3.0))
 
 
 def slab_dice(labels: torch.Tensor, data: CTData) -> dict[str, Any]:

@@ -86,7 +86,9 @@ class Demo:
         """Tiny, fast settings for the smoke run; none for the real demo."""
         if not self.smoke:
             return []
-        trainer = ["--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.limit_val_batches", "1"]
+        # 12 mm pixels: the demo's 3 mm at 128 px scaled to 32 px, so a slice is one window as in the real demo
+        trainer = ["--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.limit_val_batches", "1",
+                   "--data.spacing", "12"]
         if model.startswith("unet"):
             return [*trainer, "--model.channels", "[4, 8, 16]", "--model.num_res_units", "1"]
         return [*trainer, "--model.dit", "DiT-tiny/2", "--model.vae", "tiny", "--model.image_size", "32",

@@ -61,10 +61,11 @@ def test_fit_test_predict_round_trip(btcv: Path, tmp_path: Path) -> None:
     hparams = yaml.safe_load(next((tmp_path / "ablation").rglob("hparams.yaml")).read_text())
     assert (hparams["sampler"], hparams["sampling_steps"], hparams["zero_image"]) == ("ddim", 1, True)
     assert (hparams["dit"], hparams["control_blocks"], hparams["image_size"]) == ("DiT-tiny/2", 2, 32)
-    # predict on the real MR sample (LPS): the label map has the input's shape and affine
+    # predict on the real MR sample (LPS) at the model's 1.5 mm (with 64-pixel windows, for speed): the label map has
+    # the input's shape and affine
     out = tmp_path / "predicted"
     args = ["predict", "--ckpt", str(checkpoints[0]), "--data", "scan", "--data.path", str(SAMPLE_MR),
-            "--data.modality", "mr", "--data.resolution", "32", "--output", str(out), "--save_uncertainty", "true",
+            "--data.modality", "mr", "--data.resolution", "64", "--output", str(out), "--save_uncertainty", "true",
             "--trainer.default_root_dir", str(run), *QUIET]
     main(args)
     source, predicted = nib.load(SAMPLE_MR), nib.load(out / "mr_seg.nii.gz")

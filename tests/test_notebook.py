@@ -98,7 +98,7 @@ def test_notebook_runs_on_a_checkpoint_with_backbone_files(tmp_path: Path) -> No
         run = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         run.fit(task, DataLoader(SliceDataset(4, 32, 0), batch_size=4))
-        task.set_plan(Plan({"ct": 3.0}, (32,)))  # what a datamodule would have set: 3 mm windows of 32 px
+        task.set_plan(Plan({"ct": 12.0}, (32,)))  # what a datamodule would have set: 12 mm windows of 32 px
         run.save_checkpoint(path)
         return path
 
