@@ -369,9 +369,10 @@ def from_lattice(values: torch.Tensor, region: Region, axes: Axes, box: Sequence
 
 
 def offset_range(length: int, window: int) -> tuple[int, int]:
-    """Smallest and largest window start along an axis: inside the slice when it is larger than the window,
-    else anywhere that keeps the whole slice inside the window (negative starts pad before it)."""
-    return (0, length - window) if length >= window else (length - window, 0)
+    """Smallest and largest window start along an axis of ``length`` pixels: the window's centre anywhere on the
+    slice (nnU-Net's rule), so training sees the slice at every place inference windows put it, its edges
+    included (negative starts and ends past the slice are padded)."""
+    return -(window // 2), length - 1 - window // 2
 
 
 def window_offsets(
@@ -411,14 +412,13 @@ def crop_window(array: torch.Tensor, top: int, left: int, window: int | tuple[in
 
 
 def lattice_padding(start: int, length: int, window: int, stride: int) -> tuple[int, int]:
-    """Padding (before, after) of a region of ``length`` lattice pixels from pixel ``start`` such that sliding
-    windows of ``stride`` over the padded region are exactly the lattice windows ``[k stride, k stride + window)``
-    that overlap the region: every pixel is then covered by every lattice window that contains it, whatever the
-    region's extent, so a pixel's blended prediction does not depend on where a scan's body box ends."""
-    first = (math.floor((start - window) / stride) + 1) * stride
-    end = start + length
-    last = (math.ceil(end / stride) - 1) * stride + window
-    return start - first, last - end
+    """Padding (before, after) that puts a region starting at lattice pixel ``start`` on the window lattice: the
+    padded region starts at a multiple of ``stride`` and holds ``window + k * stride`` pixels, so sliding windows
+    of that stride sit at the same lattice places in every scan whose region starts in the same stride cell."""
+    before = start % stride
+    total = before + length
+    after = window - total if total <= window else (-(total - window)) % stride
+    return before, after
 
 
 def tile_offsets(length: int, window: int) -> list[int]:

@@ -245,13 +245,14 @@ def write_panseg(
 def write_folder(
     root: str | Path, cases: dict[str, str] | None = None, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS,
     shape: Sequence[int] = SHAPE,
+    spacing: Sequence[float] = SPACING,
 ) -> dict[str, Phantom]:
     """Generic layout ``images/<case>.nii.gz`` + ``labels/<case>.nii.gz`` in unified ids; ``cases`` maps
     case id -> modality (default: ``{'ct': 'ct', 'mr': 'mr'}``, like the bundled sample)."""
     root = Path(root)
     out = {}
     for j, (case, modality) in enumerate((cases or {"ct": "ct", "mr": "mr"}).items()):
-        phantom = make_phantom(seed + j, modality, _orientation(j, orientations_), shape=shape)
+        phantom = make_phantom(seed + j, modality, _orientation(j, orientations_), shape=shape, spacing=spacing)
         write_case(phantom, root / "images" / f"{case}.nii.gz", root / "labels" / f"{case}.nii.gz", None)
         out[case] = phantom
     return out
