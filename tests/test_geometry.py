@@ -93,10 +93,11 @@ def test_round_trip_of_the_sample_labels_through_the_plan() -> None:
 
 
 def test_windows_cover_and_pad() -> None:
-    assert offset_range(300, 256) == (-128, 171) and offset_range(100, 256) == (-128, -29)  # centre on the slice
+    # training: a long slice is cut with the window centred anywhere on it, a short one lies inside the window
+    assert offset_range(300, 256) == (-128, 171) and offset_range(100, 256) == (-156, 0)
     # inference windows (256, stride 128) on the lattice: a region from pixel 200 of 300 pixels becomes 72 + 300 + 12
     assert lattice_padding(200, 300, 256, 128) == (72, 12)
-    assert lattice_padding(-63, 125, 128, 64) == (1, 2)  # one window from pixel -64 holds the region
+    assert lattice_padding(-63, 125, 128, 64) == (1, 2)  # a region shorter than a window is centred in it
     assert tile_offsets(300, 256) == [-106, 150] and tile_offsets(100, 256) == [-78]
     image = torch.arange(12.0).reshape(1, 3, 4)
     patch = crop_window(image, -1, 2, 4, -1.0)

@@ -369,9 +369,12 @@ def from_lattice(values: torch.Tensor, region: Region, axes: Axes, box: Sequence
 
 
 def offset_range(length: int, window: int) -> tuple[int, int]:
-    """Smallest and largest window start along an axis of ``length`` pixels: the window's centre anywhere on the
-    slice (nnU-Net's rule), so training sees the slice at every place inference windows put it, its edges
-    included (negative starts and ends past the slice are padded)."""
+    """Smallest and largest training window start along an axis of ``length`` pixels, matching where inference
+    windows put the slice: a slice shorter than the window lies wholly inside it (anywhere in the slack; inference
+    centres it), a longer one is cut with the window's centre anywhere on it (inference windows on the lattice
+    reach up to a stride past its edges). Negative starts and ends past the slice are padded."""
+    if length <= window:
+        return length - window, 0
     return -(window // 2), length - 1 - window // 2
 
 
@@ -412,13 +415,17 @@ def crop_window(array: torch.Tensor, top: int, left: int, window: int | tuple[in
 
 
 def lattice_padding(start: int, length: int, window: int, stride: int) -> tuple[int, int]:
-    """Padding (before, after) that puts a region starting at lattice pixel ``start`` on the window lattice: the
-    padded region starts at a multiple of ``stride`` and holds ``window + k * stride`` pixels, so sliding windows
-    of that stride sit at the same lattice places in every scan whose region starts in the same stride cell."""
+    """Padding (before, after) of a region of ``length`` lattice pixels from pixel ``start`` for sliding windows.
+
+    A region no longer than the window is centred in one window. A longer one is padded to start at a multiple of
+    ``stride`` and to hold ``window + k * stride`` pixels, so the windows sit at the same lattice places in every
+    scan whose region starts in the same stride cell.
+    """
+    if length <= window:
+        before = (window - length) // 2
+        return before, window - length - before
     before = start % stride
-    total = before + length
-    after = window - total if total <= window else (-(total - window)) % stride
-    return before, after
+    return before, (-(before + length - window)) % stride
 
 
 def tile_offsets(length: int, window: int) -> list[int]:

@@ -209,10 +209,10 @@ class SegmentationTask(LightningModule):
 
         Windows of the plan's inference size (without a plan: one window covering the slice) with
         ``window_overlap``, Gaussian-weighted blending of probabilities and uncertainty (MONAI's
-        ``sliding_window_inference``). Given the slices' lattice ``region`` (what evaluation batches carry), the
-        slices are padded with background so that windows sit at multiples of their stride on the plan's lattice,
-        and each window's randomness is seeded by its place there: the same anatomy in another scan is covered by
-        the same windows and gets the same prediction.
+        ``sliding_window_inference``). Given the slices' lattice ``region`` (what evaluation batches carry), an axis
+        no longer than a window is centred in one, and a longer one is padded with background so that windows sit
+        at multiples of their stride on the plan's lattice; each window's randomness is seeded by its place there.
+        The same anatomy in another scan is then covered by the same windows and gets the same prediction.
         """
         window = self.inference_window
         if window is None:
