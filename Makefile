@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-slow demo bench clean
+.PHONY: help install test test-slow lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -23,6 +23,11 @@ test: $(STAMP)  ## run the fast test suite (under 10 minutes on 2 cores)
 
 test-slow: $(STAMP)  ## run every test, the slow ones (DDP, demo smoke) included
 	$(PY) -m pytest -m ''
+
+lint: $(STAMP)  ## ruff (lint and formatting) and mypy; CI runs it after the tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)  ## the whole MedDelinea protocol on the bundled real CT and MR sample
 	$(PY) -m delinea.demo

@@ -56,8 +56,12 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info |= {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                 "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+        info |= {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+        }
     else:
         model = ""
         with contextlib.suppress(OSError):
@@ -65,8 +69,12 @@ def describe_device(device: torch.device) -> dict[str, Any]:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
                     break
-        info |= {"name": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "capability": torch.backends.cpu.get_cpu_capability(), "bf16_instructions": native_bf16("cpu")}
+        info |= {
+            "name": model or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_instructions": native_bf16("cpu"),
+        }
         with contextlib.suppress(OSError, AttributeError):
             info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
@@ -95,12 +103,17 @@ def median(values: Sequence[float]) -> float:
 
 def summary(values: Sequence[float], digits: int = 5) -> dict[str, Any]:
     """Median, min, max and count of timed runs (seconds)."""
-    return {"median": round(median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "runs": len(values)}
+    return {
+        "median": round(median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "runs": len(values),
+    }
 
 
-def side_by_side(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1,
-                 memory: bool = False) -> dict[str, dict[str, Any]]:
+def side_by_side(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 3, warmup: int = 1, memory: bool = False
+) -> dict[str, dict[str, Any]]:
     """Run the callables interleaved, ``warmup`` untimed rounds then ``repeats`` timed rounds.
 
     Returns per name: ``seconds`` (the timed runs), and with ``memory`` the peak memory of its runs (MiB, see
@@ -189,8 +202,10 @@ class PeakMemory:
 def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated during the timed steps minus memory allocated before (weights)"
-    return ("CPU: peak of the process RSS sampled every 1 ms during the timed steps minus the RSS before them "
-            "(after gc and malloc_trim); weights and optimizer state loaded before are not counted")
+    return (
+        "CPU: peak of the process RSS sampled every 1 ms during the timed steps minus the RSS before them "
+        "(after gc and malloc_trim); weights and optimizer state loaded before are not counted"
+    )
 
 
 # -- precision and kernels ---------------------------------------------------------------------------------------
@@ -227,7 +242,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if value != 0 and abs(value) < 10 ** -(digits):
+        if value != 0 and abs(value) < 10**-(digits):
             return f"{value:.{digits - 1}e}"
         if abs(value) >= 100:
             return f"{value:.0f}"

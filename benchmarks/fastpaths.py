@@ -55,8 +55,12 @@ def _compare(out: Any, ref: Any) -> float:
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def measure(variants: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-            check: Callable[[Any, Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def measure(
+    variants: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    check: Callable[[Any, Any], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Time the variants interleaved with ``fp32_eager`` (which must be the first); one row per variant."""
     outputs = {name: fn() for name, fn in variants.items()}  # also the warm-up
     timing = side_by_side(variants, device, repeats=repeats, warmup=0)
@@ -64,8 +68,12 @@ def measure(variants: dict[str, Callable[[], Any]], device: torch.device, repeat
     rows = []
     for name in variants:
         seconds = timing[name]["seconds"]
-        row = {"variant": name, "seconds": round(median(seconds), 5),
-               "speedup": round(paired_ratio(base, seconds), 3), "runs": repeats}
+        row = {
+            "variant": name,
+            "seconds": round(median(seconds), 5),
+            "speedup": round(paired_ratio(base, seconds), 3),
+            "runs": repeats,
+        }
         if check is not None:
             row |= check(outputs[name], outputs["fp32_eager"])
         else:
@@ -85,8 +93,9 @@ def _compiled(fn: Callable, device: torch.device, *args: Any) -> tuple[Callable,
     return compiled, time.perf_counter() - start
 
 
-def denoiser(device: torch.device, preset: str, resolution: int, batch: int, repeats: int,
-             compile: bool) -> dict[str, Any]:
+def denoiser(
+    device: torch.device, preset: str, resolution: int, batch: int, repeats: int, compile: bool
+) -> dict[str, Any]:
     p = PRESETS[preset]
     torch.manual_seed(0)
     vae = MaskVAE(build_vae(p.vae))
@@ -102,18 +111,27 @@ def denoiser(device: torch.device, preset: str, resolution: int, batch: int, rep
     processors = attention_processors(model)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
 
-    def run(m: MedDelinea = model, mode: Callable = torch.no_grad, dtype: torch.dtype | None = None,
-            cast: torch.dtype = torch.float32) -> Callable:
+    def run(
+        m: MedDelinea = model,
+        mode: Callable = torch.no_grad,
+        dtype: torch.dtype | None = None,
+        cast: torch.dtype = torch.float32,
+    ) -> Callable:
         def call() -> torch.Tensor:
             with mode(), autocast(device, dtype), flash_attention(device):
                 return m.predict_noise(z.to(cast), t, zo.to(cast))
+
         return call
 
     classic_model = copy.deepcopy(model)
     _set_processor(classic_model, AttnProcessor)
-    variants = {"fp32_eager": run(), "classic_attention": run(classic_model),
-                "inference_mode": run(mode=torch.inference_mode), "bf16_autocast": run(dtype=torch.bfloat16),
-                "bf16_weights": run(bf16, cast=torch.bfloat16)}
+    variants = {
+        "fp32_eager": run(),
+        "classic_attention": run(classic_model),
+        "inference_mode": run(mode=torch.inference_mode),
+        "bf16_autocast": run(dtype=torch.bfloat16),
+        "bf16_weights": run(bf16, cast=torch.bfloat16),
+    }
     extra = {}
     if compile:
         compiled, seconds = _compiled(model.predict_noise, device, z, t, zo)
@@ -122,11 +140,16 @@ def denoiser(device: torch.device, preset: str, resolution: int, batch: int, rep
         def call_compiled() -> torch.Tensor:
             with torch.no_grad(), flash_attention(device):
                 return compiled(z, t, zo)
+
         variants["compile"] = call_compiled
     rows = measure(variants, device, repeats)
-    return {"workload": f"denoiser {p.dit} + control K={p.control_blocks}, batch {batch}, "
-                        f"{(latent // model.dit.patch_size) ** 2} tokens", "rows": rows,
-            "attention_processors": processors, **extra}
+    return {
+        "workload": f"denoiser {p.dit} + control K={p.control_blocks}, batch {batch}, "
+        f"{(latent // model.dit.patch_size) ** 2} tokens",
+        "rows": rows,
+        "attention_processors": processors,
+        **extra,
+    }
 
 
 def vae_decode(device: torch.device, preset: str, resolution: int, batch: int, repeats: int) -> dict[str, Any]:
@@ -137,46 +160,67 @@ def vae_decode(device: torch.device, preset: str, resolution: int, batch: int, r
     last = copy.deepcopy(vae).to(memory_format=torch.channels_last)
     latent_last = latent.contiguous(memory_format=torch.channels_last)
 
-    def run(m: MaskVAE = vae, x: torch.Tensor = latent, dtype: torch.dtype | None = None,
-            mode: Callable = torch.no_grad) -> Callable:
+    def run(
+        m: MaskVAE = vae, x: torch.Tensor = latent, dtype: torch.dtype | None = None, mode: Callable = torch.no_grad
+    ) -> Callable:
         def call() -> torch.Tensor:
             with mode(), autocast(device, dtype):
                 return m.decode_logits(x)
+
         return call
 
-    variants = {"fp32_eager": run(), "inference_mode": run(mode=torch.inference_mode),
-                "channels_last": run(last, latent_last), "bf16_autocast": run(dtype=torch.bfloat16)}
-    return {"workload": f"VAE '{p.vae}' decode to logits, batch {batch} at {resolution}²",
-            "rows": measure(variants, device, repeats)}
+    variants = {
+        "fp32_eager": run(),
+        "inference_mode": run(mode=torch.inference_mode),
+        "channels_last": run(last, latent_last),
+        "bf16_autocast": run(dtype=torch.bfloat16),
+    }
+    return {
+        "workload": f"VAE '{p.vae}' decode to logits, batch {batch} at {resolution}²",
+        "rows": measure(variants, device, repeats),
+    }
 
 
 def segmentation_check(data: CTData) -> Callable[[Any, Any], dict[str, Any]]:
     def check(labels: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-        return {"agreement": round(float((labels == reference).float().mean()), 4),
-                "mDSC": round(slab_dice(labels, data)["mDSC"], 4)}
+        return {
+            "agreement": round(float((labels == reference).float().mean()), 4),
+            "mDSC": round(slab_dice(labels, data)["mDSC"], 4),
+        }
+
     return check
 
 
-def sample(md: Any, data: CTData, device: torch.device, repeats: int, compile: bool,
-           scheduler: str = "ddim", steps: int = 10) -> dict[str, Any]:
+def sample(
+    md: Any, data: CTData, device: torch.device, repeats: int, compile: bool, scheduler: str = "ddim", steps: int = 10
+) -> dict[str, Any]:
     """End-to-end ``model.sample`` on the slab with the given settings."""
     model: MedDelinea = md.model
     images = data.test_images.to(device)
 
-    def run(m: MedDelinea = model, mode: Callable = torch.no_grad, dtype: torch.dtype | None = None,
-            x: torch.Tensor = images, **options: Any) -> Callable:
+    def run(
+        m: MedDelinea = model,
+        mode: Callable = torch.no_grad,
+        dtype: torch.dtype | None = None,
+        x: torch.Tensor = images,
+        **options: Any,
+    ) -> Callable:
         def call() -> torch.Tensor:
             generator = torch.Generator(device).manual_seed(0)
             with mode(), autocast(device, dtype), flash_attention(device):
                 probabilities, _ = m.sample(x, scheduler=scheduler, steps=steps, generator=generator, **options)
             return probabilities.argmax(1)
+
         return call
 
     last = copy.deepcopy(model)
     last.vae.to(memory_format=torch.channels_last)
-    variants = {"fp32_eager": run(), "inference_mode": run(mode=torch.inference_mode),
-                "bf16_autocast": run(dtype=torch.bfloat16),
-                "channels_last": run(last, x=images.contiguous(memory_format=torch.channels_last))}
+    variants = {
+        "fp32_eager": run(),
+        "inference_mode": run(mode=torch.inference_mode),
+        "bf16_autocast": run(dtype=torch.bfloat16),
+        "channels_last": run(last, x=images.contiguous(memory_format=torch.channels_last)),
+    }
     extra = {}
     if compile:
         z = torch.randn(len(images), model.latent_channels, *model.vae.encode(images[:1]).shape[-2:], device=device)
@@ -190,10 +234,14 @@ def sample(md: Any, data: CTData, device: torch.device, repeats: int, compile: b
                 return run()()
             finally:
                 del model.predict_noise
+
         variants["compile"] = call_compiled
-    return {"workload": f"sample: {scheduler}, {steps} steps, ensemble 1, {len(images)} slices of "
-                        f"{data.resolution}² ({md.hparams.dit}, VAE {md.hparams.vae})",
-            "rows": measure(variants, device, repeats, segmentation_check(data)), **extra}
+    return {
+        "workload": f"sample: {scheduler}, {steps} steps, ensemble 1, {len(images)} slices of "
+        f"{data.resolution}² ({md.hparams.dit}, VAE {md.hparams.vae})",
+        "rows": measure(variants, device, repeats, segmentation_check(data)),
+        **extra,
+    }
 
 
 def unet(task: Any, data: CTData, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -201,23 +249,44 @@ def unet(task: Any, data: CTData, device: torch.device, repeats: int) -> dict[st
     images = data.test_images.to(device)
     last = copy.deepcopy(net).to(memory_format=torch.channels_last)
 
-    def run(m: torch.nn.Module = net, mode: Callable = torch.no_grad, dtype: torch.dtype | None = None,
-            x: torch.Tensor = images) -> Callable:
+    def run(
+        m: torch.nn.Module = net,
+        mode: Callable = torch.no_grad,
+        dtype: torch.dtype | None = None,
+        x: torch.Tensor = images,
+    ) -> Callable:
         def call() -> torch.Tensor:
             with mode(), autocast(device, dtype):
                 return m(x).float().argmax(1)
+
         return call
 
-    variants = {"fp32_eager": run(), "inference_mode": run(mode=torch.inference_mode),
-                "bf16_autocast": run(dtype=torch.bfloat16),
-                "channels_last": run(last, x=images.contiguous(memory_format=torch.channels_last))}
-    return {"workload": f"UNet forward, {len(images)} slices of {data.resolution}²",
-            "rows": measure(variants, device, repeats, segmentation_check(data))}
+    variants = {
+        "fp32_eager": run(),
+        "inference_mode": run(mode=torch.inference_mode),
+        "bf16_autocast": run(dtype=torch.bfloat16),
+        "channels_last": run(last, x=images.contiguous(memory_format=torch.channels_last)),
+    }
+    return {
+        "workload": f"UNet forward, {len(images)} slices of {data.resolution}²",
+        "rows": measure(variants, device, repeats, segmentation_check(data)),
+    }
 
 
-def run(device: torch.device, md: Any, unet_task: Any, data: CTData, preset: str = "B", resolution: int = 256,
-        batch: int = 4, repeats: int = 3, compile: bool = True, compile_denoiser: bool = False,
-        vae_batch: int = 1, sample_steps: int = 10) -> dict[str, Any]:
+def run(
+    device: torch.device,
+    md: Any,
+    unet_task: Any,
+    data: CTData,
+    preset: str = "B",
+    resolution: int = 256,
+    batch: int = 4,
+    repeats: int = 3,
+    compile: bool = True,
+    compile_denoiser: bool = False,
+    vae_batch: int = 1,
+    sample_steps: int = 10,
+) -> dict[str, Any]:
     workloads = {
         "denoiser": denoiser(device, preset, resolution, batch, repeats, compile=compile_denoiser),
         "vae_decode": vae_decode(device, preset, resolution, vae_batch, repeats),

@@ -23,8 +23,14 @@ def matmul_shapes(hidden: int, rows: int) -> list[tuple[int, int, int]]:
     return [(2048, 2048, 2048), (1024, 1024, 1024), (rows, hidden, 4 * hidden), (rows, 4 * hidden, hidden)]
 
 
-def run(device: torch.device, preset: str = "DiT-B/2", latent: int = 32, batch: int = 8, repeats: int = 3,
-        dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> dict[str, Any]:
+def run(
+    device: torch.device,
+    preset: str = "DiT-B/2",
+    latent: int = 32,
+    batch: int = 8,
+    repeats: int = 3,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+) -> dict[str, Any]:
     """Achieved FLOP/s of the base DiT forward (``latent``² x 4 latents) and its fraction of the matmul peak."""
     torch.manual_seed(0)
     dit = build_dit(preset, sample_size=latent).to(device).eval()
@@ -60,21 +66,23 @@ def run(device: torch.device, preset: str = "DiT-B/2", latent: int = 32, batch: 
         peak_rates = per_shape[best]
         # the peak of round r is the best shape in round r: the DiT ran between those matmuls
         round_peaks = [max(per_shape[name][r] for name in per_shape) for r in range(repeats)]
-        rows.append({
-            "preset": preset,
-            "dtype": str(dtype).removeprefix("torch."),
-            "batch": batch,
-            "tokens": tokens,
-            "gflop_per_forward": round(flops / 1e9, 6),
-            "forward_s": round(median(timing["dit"]["seconds"]), 4),
-            "dit_gflops": round(median(dit_rates) / 1e9, 2),
-            "peak_gflops": round(median(peak_rates) / 1e9, 2),
-            "peak_shape": best,
-            "matmul_gflops": {name: round(median(r) / 1e9, 2) for name, r in per_shape.items()},
-            "fraction_of_peak": round(median(dit_rates) / median(peak_rates), 5),
-            "fraction_paired": round(median([d / p for d, p in zip(dit_rates, round_peaks)]), 5),
-            "runs": repeats,
-        })
+        rows.append(
+            {
+                "preset": preset,
+                "dtype": str(dtype).removeprefix("torch."),
+                "batch": batch,
+                "tokens": tokens,
+                "gflop_per_forward": round(flops / 1e9, 6),
+                "forward_s": round(median(timing["dit"]["seconds"]), 4),
+                "dit_gflops": round(median(dit_rates) / 1e9, 2),
+                "peak_gflops": round(median(peak_rates) / 1e9, 2),
+                "peak_shape": best,
+                "matmul_gflops": {name: round(median(r) / 1e9, 2) for name, r in per_shape.items()},
+                "fraction_of_peak": round(median(dit_rates) / median(peak_rates), 5),
+                "fraction_paired": round(median([d / p for d, p in zip(dit_rates, round_peaks)]), 5),
+                "runs": repeats,
+            }
+        )
         if model is not dit:
             del model
     return {"rows": rows, "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")}

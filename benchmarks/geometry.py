@@ -32,23 +32,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/geometry.py` from anywhere
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
 
-from benchmarks.common import describe_device, median, paired_ratio, side_by_side  # noqa: E402
-from delinea.datamodules import FolderDataModule  # noqa: E402
-from delinea.datamodules.dataset import SliceDataset  # noqa: E402
-from delinea.datamodules.plan import Axes, Region, from_lattice, mask_to_lattice  # noqa: E402
-from delinea.datamodules.synthetic import write_folder  # noqa: E402
-from delinea.labels import FOREGROUND, NUM_CLASSES  # noqa: E402
-from delinea.tasks import MedDelineaTask, UNetTask  # noqa: E402
-from delinea.tasks.volumes import VolumeAssembler  # noqa: E402
+from benchmarks.common import describe_device, median, paired_ratio, side_by_side
+from delinea.datamodules import FolderDataModule
+from delinea.datamodules.dataset import SliceDataset
+from delinea.datamodules.plan import Axes, Region, from_lattice, mask_to_lattice
+from delinea.labels import FOREGROUND, NUM_CLASSES
+from delinea.tasks import MedDelineaTask, UNetTask
+from delinea.tasks.volumes import VolumeAssembler
+from delinea.testing.phantoms import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "delinea" / "sample"
-WEIGHTS = ROOT / "delinea" / "weights" / "demo"
+WEIGHTS = ROOT / "delinea" / "demo" / "weights"
 RESULTS = Path(__file__).parent / "results" / "geometry.json"
 
 
@@ -71,8 +71,9 @@ class StretchedSlices(SliceDataset):
 
 
 def _datasets(root: Path, spacing: float, window: int, tmp: Path) -> tuple[SliceDataset, StretchedSlices]:
-    dm = FolderDataModule(root=str(root), split="all", resolution=window, spacing=spacing,
-                          split_file=str(tmp / f"{root.name}.json"))
+    dm = FolderDataModule(
+        root=str(root), split="all", resolution=window, spacing=spacing, split_file=str(tmp / f"{root.name}.json")
+    )
     planned = dm.dataset("train")
     stretched = StretchedSlices.__new__(StretchedSlices)
     stretched.__dict__.update(planned.__dict__)
@@ -85,25 +86,41 @@ def loader(quick: bool, repeats: int, tmp: Path) -> list[dict[str, Any]]:
     generated = tmp / "ct512"
     shape = (256, 256, 8) if quick else (512, 512, 16)
     write_folder(generated, {f"case{i}": "ct" for i in range(2)}, shape=shape, spacing=(0.8, 0.8, 2.5))
-    setups = [("generated CT 0.8 mm, plan 1.5 mm", generated, 1.5, 256), ("bundled CT 3 mm, plan 3 mm", SAMPLE, 3.0, 128)]
+    setups = [
+        ("generated CT 0.8 mm, plan 1.5 mm", generated, 1.5, 256),
+        ("bundled CT 3 mm, plan 3 mm", SAMPLE, 3.0, 128),
+    ]
     rows = []
     for name, root, spacing, window in setups:
         planned, stretched = _datasets(root, spacing, window, tmp)
         count = min(len(planned), 16 if quick else 48)
-        for kind, request in (("training window", lambda i: (i, window, i)), ("whole slice (eval)", lambda i: i)):
-            def run(dataset: SliceDataset) -> None:
+        for kind, request in (("training window", lambda i, w=window: (i, w, i)), ("whole slice (eval)", lambda i: i)):
+
+            def run(dataset: SliceDataset, request: Any = request, count: int = count) -> None:
                 for i in range(count):
                     dataset[request(i)]
 
             for dataset in (planned, stretched):  # fill both volume caches first: time the slice work only
                 dataset[request(0)]
-            timing = side_by_side({"plan": lambda: run(planned), "stretch": lambda: run(stretched)},
-                                  torch.device("cpu"), repeats=repeats, warmup=0)
-            rows.append({"data": name, "sample": kind, "plan_per_s": round(count / median(timing["plan"]["seconds"]), 1),
-                         "stretch_per_s": round(count / median(timing["stretch"]["seconds"]), 1),
-                         "plan_time_over_stretch": round(paired_ratio(timing["plan"]["seconds"],
-                                                                      timing["stretch"]["seconds"]), 2),
-                         "samples": count, "runs": repeats})
+            timing = side_by_side(
+                {"plan": lambda p=planned: run(p), "stretch": lambda s=stretched: run(s)},
+                torch.device("cpu"),
+                repeats=repeats,
+                warmup=0,
+            )
+            rows.append(
+                {
+                    "data": name,
+                    "sample": kind,
+                    "plan_per_s": round(count / median(timing["plan"]["seconds"]), 1),
+                    "stretch_per_s": round(count / median(timing["stretch"]["seconds"]), 1),
+                    "plan_time_over_stretch": round(
+                        paired_ratio(timing["plan"]["seconds"], timing["stretch"]["seconds"]), 2
+                    ),
+                    "samples": count,
+                    "runs": repeats,
+                }
+            )
     return rows
 
 
@@ -124,8 +141,7 @@ def _volume_planned(task: Any, dm: FolderDataModule) -> None:
         batch = default_collate([dataset[i] for i in indices[start : start + 16]])
         with torch.inference_mode():
             probabilities, uncertainty = task.predict_slices(batch["image"], batch["region"][0])
-        assembler.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"],
-                      batch["box"])
+        assembler.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"], batch["box"])
 
 
 def _volume_stretched(task: Any, image: np.ndarray) -> None:
@@ -146,22 +162,37 @@ def inference(repeats: int, tmp: Path) -> list[dict[str, Any]]:
         fns = {"stretched 128² (before)": lambda task=task: _volume_stretched(task, image)}
         windows = {}
         for spacing in (3.0, 1.5):
-            dm = FolderDataModule(root=str(SAMPLE), split="all", resolution=128, spacing=spacing, modality="ct",
-                                  split_file=str(tmp / f"s{spacing}.json"))
+            dm = FolderDataModule(
+                root=str(SAMPLE),
+                split="all",
+                resolution=128,
+                spacing=spacing,
+                modality="ct",
+                split_file=str(tmp / f"s{spacing}.json"),
+            )
             task.set_plan(dm.plan_for(None, "fit"))
             region = Region.from_tensor(dm.dataset("test")[0]["region"])
             stride = 64
-            per_axis = [math.ceil((a + b) / stride) - math.floor((a - 128) / stride) - 1
-                        for a, b in ((region.x0, region.x1), (region.y0, region.y1))]
+            per_axis = [
+                math.ceil((a + b) / stride) - math.floor((a - 128) / stride) - 1
+                for a, b in ((region.x0, region.x1), (region.y0, region.y1))
+            ]
             label = f"plan {spacing:g} mm, windows 128 (overlap 0.5)"
             windows[label] = per_axis[0] * per_axis[1]
             fns[label] = lambda task=task, dm=dm: _volume_planned(task, dm)
         timing = side_by_side(fns, torch.device("cpu"), repeats=repeats, warmup=0)
         base = "stretched 128² (before)"
         for label, measured in timing.items():
-            rows.append({"model": name, "geometry": label, "s_per_volume": round(median(measured["seconds"]), 2),
-                         "vs_before": round(paired_ratio(measured["seconds"], timing[base]["seconds"]), 2),
-                         "windows_per_slice": windows.get(label, 1), "runs": repeats})
+            rows.append(
+                {
+                    "model": name,
+                    "geometry": label,
+                    "s_per_volume": round(median(measured["seconds"]), 2),
+                    "vs_before": round(paired_ratio(measured["seconds"], timing[base]["seconds"]), 2),
+                    "windows_per_slice": windows.get(label, 1),
+                    "runs": repeats,
+                }
+            )
     return rows
 
 
@@ -185,11 +216,25 @@ def masks() -> dict[str, Any]:
                 for k in range(case.label.shape[2]):
                     onehot = F.one_hot(fn(case.label[:, :, k], axes, region), NUM_CLASSES).permute(2, 0, 1).float()
                     back[:, :, k] = from_lattice(onehot, region, axes, box).argmax(0).numpy()
-                dice = {o: round(float(2 * ((back == c) & (case.label == c)).sum()
-                                       / ((back == c).sum() + (case.label == c).sum())), 4)
-                        for c, o in enumerate(FOREGROUND, 1)}
-                out["round_trip"].append({"case": case_id, "native_mm": 3.0, "plan_mm": target, "rule": rule,
-                                          "mean": round(float(np.mean(list(dice.values()))), 4), **dice})
+                dice = {
+                    o: round(
+                        float(
+                            2 * ((back == c) & (case.label == c)).sum() / ((back == c).sum() + (case.label == c).sum())
+                        ),
+                        4,
+                    )
+                    for c, o in enumerate(FOREGROUND, 1)
+                }
+                out["round_trip"].append(
+                    {
+                        "case": case_id,
+                        "native_mm": 3.0,
+                        "plan_mm": target,
+                        "rule": rule,
+                        "mean": round(float(np.mean(list(dice.values()))), 4),
+                        **dice,
+                    }
+                )
     rng = np.random.default_rng(0)
     axes = Axes((0.0, 0.0), (0.8, 0.8), (400, 400))
     region = axes.region((0, 400, 0, 400), 3.0)
@@ -242,9 +287,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         os.environ.setdefault("DELINEA_SPLIT_DIR", str(tmp))
-        result = {"device": describe_device(torch.device("cpu")), "threads": torch.get_num_threads(),
-                  "loader": loader(args.quick, repeats, tmp)}
-        print(table(result["loader"], "1. Loader: samples per second, plan lattice vs stretched (same run)"), flush=True)
+        result = {
+            "device": describe_device(torch.device("cpu")),
+            "threads": torch.get_num_threads(),
+            "loader": loader(args.quick, repeats, tmp),
+        }
+        print(
+            table(result["loader"], "1. Loader: samples per second, plan lattice vs stretched (same run)"), flush=True
+        )
         result["inference"] = inference(repeats, tmp)
         print(table(result["inference"], "2. Test time per CT volume (112 slices), side by side"), flush=True)
         result["masks"] = masks()

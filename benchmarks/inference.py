@@ -24,8 +24,8 @@ from torch.utils.data import default_collate
 
 from benchmarks.common import median, paired_ratio, side_by_side, summary, sync
 from benchmarks.models import CTData, slab_dice
+from delinea.models.diffusion import SCHEDULERS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
-from delinea.models.sampling import SCHEDULERS
 from delinea.tasks.volumes import VolumeAssembler
 
 STEPS = (1, 5, 10, 20, 50)
@@ -57,14 +57,21 @@ def segment_volume(task: Any, data: CTData, device: torch.device, chunk: int = 1
         batch = default_collate([dataset[i] for i in indices[start : start + chunk]])
         with torch.inference_mode():
             probabilities, uncertainty = task.predict_slices(batch["image"].to(device), batch["region"][0])
-        done += assembler.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"],
-                              batch["box"])
+        done += assembler.add(
+            batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"], batch["box"]
+        )
     assert len(done) == 1
     return done[0].labels
 
 
-def grid(task: Any, data: CTData, device: torch.device, schedulers: list[str], steps: tuple[int, ...],
-         ensembles: tuple[int, ...]) -> list[dict[str, Any]]:
+def grid(
+    task: Any,
+    data: CTData,
+    device: torch.device,
+    schedulers: list[str],
+    steps: tuple[int, ...],
+    ensembles: tuple[int, ...],
+) -> list[dict[str, Any]]:
     rows = []
     depth = data.depth
     n = len(data.test_images)
@@ -79,10 +86,18 @@ def grid(task: Any, data: CTData, device: torch.device, schedulers: list[str], s
                 sync(device)
                 seconds = time.perf_counter() - start
                 dice = slab_dice(labels, data)
-                rows.append({"scheduler": scheduler, "steps": k, "ensemble": ensemble,
-                             "slab_s": round(seconds, 4), "s_per_slice": round(seconds / n, 5),
-                             "s_per_volume": round(seconds / n * depth, 3), "mDSC": round(dice["mDSC"], 4),
-                             "organs": {o: round(v, 4) for o, v in dice["organs"].items()}})
+                rows.append(
+                    {
+                        "scheduler": scheduler,
+                        "steps": k,
+                        "ensemble": ensemble,
+                        "slab_s": round(seconds, 4),
+                        "s_per_slice": round(seconds / n, 5),
+                        "s_per_volume": round(seconds / n * depth, 3),
+                        "mDSC": round(dice["mDSC"], 4),
+                        "organs": {o: round(v, 4) for o, v in dice["organs"].items()},
+                    }
+                )
     return rows
 
 
@@ -92,9 +107,18 @@ def choose_default(rows: list[dict[str, Any]], tolerance: float) -> dict[str, An
     return min(eligible, key=lambda r: r["s_per_slice"])
 
 
-def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3, tolerance: float = 0.02,
-        schedulers: list[str] | None = None, steps: tuple[int, ...] = STEPS, ensembles: tuple[int, ...] = ENSEMBLES,
-        chunk: int = 16) -> dict[str, Any]:
+def run(
+    md: Any,
+    unet: Any,
+    data: CTData,
+    device: torch.device,
+    repeats: int = 3,
+    tolerance: float = 0.02,
+    schedulers: list[str] | None = None,
+    steps: tuple[int, ...] = STEPS,
+    ensembles: tuple[int, ...] = ENSEMBLES,
+    chunk: int = 16,
+) -> dict[str, Any]:
     schedulers = schedulers or list(SCHEDULERS)
     current = {"scheduler": md.hparams.sampler, "steps": md.hparams.sampling_steps, "ensemble": md.hparams.ensemble}
     rows = grid(md, data, device, schedulers, steps, ensembles)
@@ -110,8 +134,10 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
     fns = {"default": volume(chosen), "unet": lambda: segment_volume(unet, data, device, chunk)}
     timing = side_by_side(fns, device, repeats=repeats, warmup=0)
     # and the slab, side by side, for the per-slice figures of the same three
-    slab_fns = {"default": lambda: (configure(md, **chosen), predict_labels(md, data.test_images, device)),
-                "unet": lambda: predict_labels(unet, data.test_images, device)}
+    slab_fns = {
+        "default": lambda: (configure(md, **chosen), predict_labels(md, data.test_images, device)),
+        "unet": lambda: predict_labels(unet, data.test_images, device),
+    }
     if current != chosen:
         slab_fns["task_default"] = lambda: (configure(md, **current), predict_labels(md, data.test_images, device))
     slab = side_by_side(slab_fns, device, repeats=repeats, warmup=1)
@@ -120,18 +146,30 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
     current_row = next((r for r in rows if all(r[k] == v for k, v in current.items())), None)
     headline = []
     depth = data.depth
-    for name, label in (("default", f"MedDelinea, chosen default {chosen}"),
-                        ("task_default", f"MedDelinea, task's current default {current}"), ("unet", "UNet")):
+    for name, label in (
+        ("default", f"MedDelinea, chosen default {chosen}"),
+        ("task_default", f"MedDelinea, task's current default {current}"),
+        ("unet", "UNet"),
+    ):
         if name not in slab:
             continue
-        dice = {"default": default["mDSC"], "unet": round(unet_dice["mDSC"], 4),
-                "task_default": current_row["mDSC"] if current_row else None}[name]
-        row = {"model": label, "s_per_slice": round(median(slab[name]["seconds"]) / n, 5), "mDSC": dice,
-               "slice_vs_unet": round(paired_ratio(slab[name]["seconds"], slab["unet"]["seconds"]), 2),
-               "runs": repeats}
+        dice = {
+            "default": default["mDSC"],
+            "unet": round(unet_dice["mDSC"], 4),
+            "task_default": current_row["mDSC"] if current_row else None,
+        }[name]
+        row = {
+            "model": label,
+            "s_per_slice": round(median(slab[name]["seconds"]) / n, 5),
+            "mDSC": dice,
+            "slice_vs_unet": round(paired_ratio(slab[name]["seconds"], slab["unet"]["seconds"]), 2),
+            "runs": repeats,
+        }
         if name in timing:  # measured on the whole volume
-            row |= {"s_per_volume": round(median(timing[name]["seconds"]), 3),
-                    "volume_vs_unet": round(paired_ratio(timing[name]["seconds"], timing["unet"]["seconds"]), 2)}
+            row |= {
+                "s_per_volume": round(median(timing[name]["seconds"]), 3),
+                "volume_vs_unet": round(paired_ratio(timing[name]["seconds"], timing["unet"]["seconds"]), 2),
+            }
         else:  # not run on the volume (it takes long): per slice x slices
             row["s_per_volume"] = f"~{median(slab[name]['seconds']) / n * depth:.1f} (slab x {depth / n:.1f})"
         headline.append(row)
@@ -150,7 +188,7 @@ def run(md: Any, unet: Any, data: CTData, device: torch.device, repeats: int = 3
         "default_over_unet_time": round(paired_ratio(timing["default"]["seconds"], timing["unet"]["seconds"]), 3),
         "headline": headline,
         "inference_dtype": f"{md.hparams.get('inference_dtype', 'auto')} -> "
-                           f"{resolve_inference_dtype(md.hparams.get('inference_dtype', 'auto'), device) or 'caller'}",
+        f"{resolve_inference_dtype(md.hparams.get('inference_dtype', 'auto'), device) or 'caller'}",
         "volume_slices": data.depth,
         "resolution": data.resolution,
         "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),

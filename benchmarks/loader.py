@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from delinea.datamodules import FolderDataModule
-from delinea.datamodules.synthetic import write_folder
+from delinea.testing.phantoms import write_folder
 
 RESULTS = Path(__file__).parent / "results" / "loader.json"
 

@@ -94,15 +94,14 @@ def main() -> None:
     for name, pred in (("typical", typical), ("far_fp", far)):
         row: dict[str, float] = {}
         for method in ("kdtree", "edt"):
-            run = lambda: case_metrics(pred, gt, SPACING, method=method)  # noqa: E731
-            row[f"delinea_{method}_s"], ours = timed(run, args.repeats)
-        row["monai_hd95_assd_s"], theirs = timed(lambda: monai_case(pred, gt), args.monai_repeats)
+            row[f"delinea_{method}_s"], ours = timed(
+                lambda pred=pred, method=method: case_metrics(pred, gt, SPACING, method=method), args.repeats
+            )
+        row["monai_hd95_assd_s"], theirs = timed(lambda pred=pred: monai_case(pred, gt), args.monai_repeats)
         statuses = {ours[o]["status"] for o in FOREGROUND}
         assert statuses == {"ok"}, f"every organ must be present in both maps, got {statuses}"
         row["max_rel_diff_vs_monai"] = max(
-            abs(ours[o][k] - v) / max(abs(v), 1e-9)
-            for o in FOREGROUND
-            for k, v in zip(("hd95", "assd"), theirs[o])
+            abs(ours[o][k] - v) / max(abs(v), 1e-9) for o in FOREGROUND for k, v in zip(("hd95", "assd"), theirs[o])
         )
         row["mean_dice"] = float(np.mean([ours[o]["dice"] for o in FOREGROUND]))
         results[name] = row

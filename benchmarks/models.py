@@ -2,17 +2,19 @@
 
 Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) served as the
 datamodules serve it (:mod:`delinea.datamodules.plan`) at the demo's geometry scaled to the window: 3 mm per pixel
-at 128 px (``plan_spacing``), each slice's body region centred in a window padded with air. The held-out slab is the demo's: canonical
-z = 86..95 (``delinea.tasks.backbones.CT_HELD_OUT``), 10 slices holding all eight organs; training uses the other
+at 128 px (``plan_spacing``), each slice's body region centred in a window padded with air. The held-out slab is
+the demo's: canonical
+z = 86..95 (``delinea.demo.protocol.CT_HELD_OUT``), 10 slices holding all eight organs; training uses the other
 organ slices z = 61..111. Dice is 3D over the stacked slab on the 128² window grid
 (``delinea.evaluation.case_metrics``), mDSC the mean over the eight organs.
 
 Models, first found wins:
 
-1. ``--checkpoint`` / ``--unet-checkpoint``;
-2. the demo's: ``demo/meddelinea_ct.ckpt`` and ``demo/runs/unet_ct/**/last.ckpt`` (``make demo``);
+1. ``--checkpoint`` / ``--unet-checkpoint`` (checkpoints or model folders);
+2. the shipped pretrained demo models: ``delinea/demo/weights/meddelinea`` and ``.../unet`` (model folders, pretrained
+   on the CT training slabs, never on the held-out slab);
 3. trained here for a fixed wall-clock budget each, on the training slices: MedDelinea's control branch and
-   head on the shipped demo backbones (``delinea/weights/demo``; random presets if they are missing) with the
+   head on the shipped demo backbones (``delinea/demo/weights``; random presets if they are missing) with the
    latents precomputed once, and the demo's UNet. Reported as ``"trained for N s in the benchmark"``.
 """
 
@@ -27,16 +29,14 @@ import numpy as np
 import torch
 
 from delinea.datamodules import FolderDataModule
+from delinea.demo.protocol import CT_HELD_OUT, CT_ORGANS, SAMPLE, load_slices
+from delinea.demo.protocol import WEIGHTS as DEMO_WEIGHTS
 from delinea.evaluation import case_metrics
 from delinea.labels import FOREGROUND
-from delinea.tasks import MedDelineaTask, UNetTask
-from delinea.tasks.backbones import load_slices
+from delinea.tasks import MedDelineaTask, UNetTask, load_task
+from delinea.tasks.export import is_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "delinea" / "sample"
-DEMO_WEIGHTS = ROOT / "delinea" / "weights" / "demo"
-CT_HELD_OUT = (86, 95)  # inclusive; the demo's held-out slab (delinea.tasks.backbones.CT_HELD_OUT)
-CT_ORGANS = (61, 111)  # canonical z of the CT slices holding organs
 
 
 @dataclass
@@ -64,11 +64,16 @@ def plan_spacing(resolution: int) -> float:
 
 def load_ct(resolution: int = 128, split_file: str | None = None) -> CTData:
     spacing = plan_spacing(resolution)
-    dm = FolderDataModule(root=str(SAMPLE), resolution=resolution, split="all", modality="ct", spacing=spacing,
-                          split_file=split_file or str(Path("/tmp") / "delinea_bench_split.json"))
+    dm = FolderDataModule(
+        root=str(SAMPLE),
+        resolution=resolution,
+        split="all",
+        modality="ct",
+        spacing=spacing,
+        split_file=split_file or str(Path("/tmp") / "delinea_bench_split.json"),
+    )
     test_images, test_masks, _ = load_slices(SAMPLE, "ct", "ct", CT_HELD_OUT, None, resolution, spacing=spacing)
-    train_images, train_masks, _ = load_slices(SAMPLE, "ct", "ct", CT_ORGANS, CT_HELD_OUT, resolution,
-                                               spacing=spacing)
+    train_images, train_masks, _ = load_slices(SAMPLE, "ct", "ct", CT_ORGANS, CT_HELD_OUT, resolution, spacing=spacing)
     return CTData(dm, resolution, test_images, test_masks, train_images, train_masks, (spacing, spacing, 3.0))
 
 
@@ -85,18 +90,10 @@ def slab_dice(labels: torch.Tensor, data: CTData) -> dict[str, Any]:
 # -- finding or training the models ------------------------------------------------------------------------------
 
 
-def demo_checkpoints() -> tuple[Path | None, Path | None]:
-    """The checkpoints ``make demo`` leaves behind, if any."""
-    md = ROOT / "demo" / "meddelinea_ct.ckpt"
-    unet = sorted((ROOT / "demo" / "runs" / "unet_ct").rglob("last.ckpt"))
-    return (md if md.is_file() else None), (unet[-1] if unet else None)
-
-
-def load_task(cls: type, path: Path, device: torch.device) -> Any:
-    """A task from a Lightning checkpoint. Its hyperparameters need a full unpickle (Lightning's format): only
-    load checkpoints you trust."""
-    task = cls.load_from_checkpoint(str(path), map_location=device, weights_only=False)
-    return task.to(device).eval()
+def shipped_models() -> tuple[Path | None, Path | None]:
+    """The pretrained demo models shipped as model folders (``delinea/demo/weights/meddelinea``, ``.../unet``)."""
+    found = [DEMO_WEIGHTS / kind for kind in ("meddelinea", "unet")]
+    return tuple(f if is_model_folder(f) else None for f in found)  # type: ignore[return-value]
 
 
 class _PrecomputedLatents:
@@ -110,8 +107,16 @@ class _PrecomputedLatents:
         return self.image[index], self.mask[index]
 
 
-def _train(task: Any, images: torch.Tensor, masks: torch.Tensor, seconds: float, batch_size: int, lr: float,
-           device: torch.device, seed: int = 0) -> dict[str, Any]:
+def _train(
+    task: Any,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    seconds: float,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, Any]:
     """AdamW on random batches of the training slices until ``seconds`` have passed."""
     task.train()
     generator = torch.Generator().manual_seed(seed)
@@ -120,8 +125,12 @@ def _train(task: Any, images: torch.Tensor, masks: torch.Tensor, seconds: float,
     steps, start, losses = 0, time.perf_counter(), []
     while time.perf_counter() - start < seconds or steps == 0:
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
-        batch = {"image": images[index].to(device), "mask": masks[index].to(device), "labelled": labelled,
-                 "cache_key": [str(int(i)) for i in index]}
+        batch = {
+            "image": images[index].to(device),
+            "mask": masks[index].to(device),
+            "labelled": labelled,
+            "cache_key": [str(int(i)) for i in index],
+        }
         loss = task.losses(batch)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,23 +139,29 @@ def _train(task: Any, images: torch.Tensor, masks: torch.Tensor, seconds: float,
         steps += 1
     task.eval()
     elapsed = time.perf_counter() - start
-    return {"seconds": round(elapsed, 1), "steps": steps, "batch_size": batch_size,
-            "slices_per_s": round(steps * batch_size / elapsed, 2),
-            "final_loss": round(float(np.mean(losses[-10:])), 4)}
+    return {
+        "seconds": round(elapsed, 1),
+        "steps": steps,
+        "batch_size": batch_size,
+        "slices_per_s": round(steps * batch_size / elapsed, 2),
+        "final_loss": round(float(np.mean(losses[-10:])), 4),
+    }
 
 
 def train_meddelinea(data: CTData, seconds: float, device: torch.device, tiny: bool = False) -> tuple[Any, dict]:
     """The demo's MedDelinea (control K=3, 128², lr 5e-4) trained for ``seconds`` on the shipped demo backbones."""
-    have_backbones = (DEMO_WEIGHTS / "dit" / "config.json").is_file() and (DEMO_WEIGHTS / "vae" / "config.json").is_file()
+    have_backbones = (DEMO_WEIGHTS / "dit" / "config.json").is_file() and (
+        DEMO_WEIGHTS / "vae" / "config.json"
+    ).is_file()
     if tiny:
         kwargs = {"dit": "DiT-tiny/2", "vae": "tiny", "control_blocks": 2, "sampling_steps": 2}
         backbones = "random tiny presets (test size)"
     elif have_backbones:
         kwargs = {"dit": str(DEMO_WEIGHTS / "dit"), "vae": str(DEMO_WEIGHTS / "vae"), "control_blocks": 3}
-        backbones = "delinea/weights/demo (pretrained demo VAE and DiT)"
+        backbones = "delinea/demo/weights (pretrained demo VAE and DiT)"
     else:
         kwargs = {"dit": "DiT-mini/4", "vae": "small", "control_blocks": 3}
-        backbones = "RANDOM DiT-mini/4 + small VAE: delinea/weights/demo is missing, Dice is meaningless"
+        backbones = "RANDOM DiT-mini/4 + small VAE: delinea/demo/weights is missing, Dice is meaningless"
     torch.manual_seed(0)
     task = MedDelineaTask(image_size=data.resolution, lr=5e-4, **kwargs).to(device)
     with torch.no_grad():
@@ -169,22 +184,28 @@ def train_unet(data: CTData, seconds: float, device: torch.device, tiny: bool = 
     return task, info
 
 
-def get_models(data: CTData, device: torch.device, checkpoint: str | None, unet_checkpoint: str | None,
-               train_seconds: float, tiny: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+def get_models(
+    data: CTData,
+    device: torch.device,
+    checkpoint: str | None,
+    unet_checkpoint: str | None,
+    train_seconds: float,
+    tiny: bool = False,
+) -> tuple[Any, Any, dict[str, Any]]:
     """(MedDelinea task, UNet task, where each came from)."""
-    demo_md, demo_unet = (None, None) if tiny else demo_checkpoints()
+    demo_md, demo_unet = (None, None) if tiny else shipped_models()
     info: dict[str, Any] = {}
     md_path = Path(checkpoint) if checkpoint else demo_md
     if md_path is not None:
-        md = load_task(MedDelineaTask, md_path, device)
-        info["meddelinea"] = {"source": f"checkpoint {md_path}"}
+        md = load_task(md_path, device, latent_cache=None, init_from=None)
+        info["meddelinea"] = {"source": f"pretrained {md_path}"}
     else:
         md, trained = train_meddelinea(data, train_seconds, device, tiny)
         info["meddelinea"] = {"source": f"trained for {trained['seconds']} s in the benchmark", **trained}
     unet_path = Path(unet_checkpoint) if unet_checkpoint else demo_unet
     if unet_path is not None:
-        unet = load_task(UNetTask, unet_path, device)
-        info["unet"] = {"source": f"checkpoint {unet_path}"}
+        unet = load_task(unet_path, device, init_from=None)
+        info["unet"] = {"source": f"pretrained {unet_path}"}
     else:
         unet, trained = train_unet(data, train_seconds, device, tiny)
         info["unet"] = {"source": f"trained for {trained['seconds']} s in the benchmark", **trained}

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py                  # everything (aim: 15 min on 2 CPU cores)
     .venv/bin/python benchmarks/run.py --quick          # the same pieces at small sizes (1-2 min)
-    .venv/bin/python benchmarks/run.py --sections flops fastpaths --checkpoint demo/meddelinea_ct.ckpt
+    .venv/bin/python benchmarks/run.py --sections flops fastpaths --checkpoint delinea/demo/weights/meddelinea
 
 Sections (each prints markdown tables; the JSON is rewritten after each one):
 
@@ -34,18 +34,18 @@ import sys
 if __name__ == "__main__" and "--omp-active" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/run.py` from anywhere
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import fastpaths, flops, inference, models, threads, training  # noqa: E402
-from benchmarks.common import describe_device, native_bf16, pick_device, table, write_json  # noqa: E402
+from benchmarks import fastpaths, flops, inference, models, threads, training
+from benchmarks.common import describe_device, native_bf16, pick_device, table, write_json
 
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("flops", "fastpaths", "inference", "training")  # the default; "threads" is optional
@@ -53,25 +53,56 @@ SECTIONS = ("flops", "fastpaths", "inference", "training")  # the default; "thre
 # Sizes per mode. ``full`` is `make bench`; ``quick`` the smoke version; ``tiny`` what tests/test_bench.py runs.
 MODES: dict[str, dict[str, Any]] = {
     "full": {
-        "training": {"presets": ["tiny", "S", "B"], "resolution": 256, "batch_size": 2, "repeats": 3,
-                     "diff_only": ("B",)},
-        "inference": {"resolution": 128, "repeats": 3, "steps": (1, 5, 10, 20, 50), "ensembles": (1, 5),
-                      "schedulers": None, "train_seconds": 60.0},
+        "training": {
+            "presets": ["tiny", "S", "B"],
+            "resolution": 256,
+            "batch_size": 2,
+            "repeats": 3,
+            "diff_only": ("B",),
+        },
+        "inference": {
+            "resolution": 128,
+            "repeats": 3,
+            "steps": (1, 5, 10, 20, 50),
+            "ensembles": (1, 5),
+            "schedulers": None,
+            "train_seconds": 60.0,
+        },
         "fastpaths": {"preset": "B", "resolution": 256, "batch": 4, "repeats": 3, "compile": True},
         "flops": {"preset": "DiT-B/2", "latent": 32, "batch": 8, "repeats": 3},
     },
     "quick": {
         "training": {"presets": ["tiny"], "resolution": 128, "batch_size": 2, "repeats": 3},
-        "inference": {"resolution": 128, "repeats": 2, "steps": (1, 10), "ensembles": (1, 5),
-                      "schedulers": ["euler_ancestral", "ddim"], "train_seconds": 10.0},
-        "fastpaths": {"preset": "tiny", "resolution": 128, "batch": 4, "repeats": 2, "compile": False,
-                      "sample_steps": 5},
+        "inference": {
+            "resolution": 128,
+            "repeats": 2,
+            "steps": (1, 10),
+            "ensembles": (1, 5),
+            "schedulers": ["euler_ancestral", "ddim"],
+            "train_seconds": 10.0,
+        },
+        "fastpaths": {
+            "preset": "tiny",
+            "resolution": 128,
+            "batch": 4,
+            "repeats": 2,
+            "compile": False,
+            "sample_steps": 5,
+        },
         "flops": {"preset": "DiT-S/2", "latent": 32, "batch": 4, "repeats": 3},
     },
     "tiny": {
         "training": {"presets": ["toy"], "resolution": 32, "batch_size": 2, "repeats": 2},
-        "inference": {"resolution": 32, "repeats": 2, "steps": (1, 2), "ensembles": (1, 2),
-                      "schedulers": ["ddim", "euler_ancestral"], "train_seconds": 1.0, "tiny": True, "chunk": 112},
+        "inference": {
+            "resolution": 32,
+            "repeats": 2,
+            "steps": (1, 2),
+            "ensembles": (1, 2),
+            "schedulers": ["ddim", "euler_ancestral"],
+            "train_seconds": 1.0,
+            "tiny": True,
+            "chunk": 112,
+        },
         "fastpaths": {"preset": "toy", "resolution": 32, "batch": 2, "repeats": 2, "compile": False},
         "flops": {"preset": "DiT-tiny/2", "latent": 8, "batch": 2, "repeats": 2},
     },
@@ -79,27 +110,44 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test sizes (tests/test_bench.py)
-    parser.add_argument("--sections", nargs="+", choices=(*SECTIONS, "threads"), default=list(SECTIONS),
-                        help="sections to run (default: the four of the issue; 'threads' measures OpenMP's wait "
-                        "policy and thread count in separate processes)")
-    parser.add_argument("--checkpoint", help="MedDelinea checkpoint for section 2 (default: demo/meddelinea_ct.ckpt "
-                        "if make demo ran, else a control branch trained here for --train-seconds)")
-    parser.add_argument("--unet-checkpoint", help="UNet checkpoint for section 2 (default: the demo's, else trained)")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=(*SECTIONS, "threads"),
+        default=list(SECTIONS),
+        help="sections to run (default: the four of the issue; 'threads' measures OpenMP's wait "
+        "policy and thread count in separate processes)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="MedDelinea checkpoint or model folder for section 2 (default: the shipped pretrained demo model "
+        "delinea/demo/weights/meddelinea, else a control branch trained here for --train-seconds)",
+    )
+    parser.add_argument(
+        "--unet-checkpoint", help="UNet checkpoint or model folder for section 2 (default: the shipped one)"
+    )
     parser.add_argument("--train-seconds", type=float, help="training budget per model when no checkpoint")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--omp-active", action="store_true", help="keep OpenMP's default spin-waiting policy")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (default per mode: 3, tiny 2)")
-    parser.add_argument("--dice-tolerance", type=float, default=0.02,
-                        help="default sampler: fastest setting within this mDSC of the best")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/latest.json; "
-                        "quick.json with --quick)")
-    parser.add_argument("--update", action="store_true",
-                        help="start from the JSON at --out and replace only the sections run now")
+    parser.add_argument(
+        "--dice-tolerance",
+        type=float,
+        default=0.02,
+        help="default sampler: fastest setting within this mDSC of the best",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default benchmarks/results/latest.json; quick.json with --quick)"
+    )
+    parser.add_argument(
+        "--update", action="store_true", help="start from the JSON at --out and replace only the sections run now"
+    )
     return parser.parse_args(argv)
 
 
@@ -109,28 +157,58 @@ def _dtype_name(device: torch.device) -> str:
 
 def render_training(result: dict[str, Any]) -> str:
     rows = [row for preset in result["presets"] + result["diff_only"] for row in preset["rows"]]
-    text = table(rows, ["preset", "mode", "dit", "vae", "resolution", "batch", "step_s", "slices_per_s",
-                        "vs_encode", "peak_mib", "runs"], "1. Training throughput (one optimiser step)")
-    summary = [{"preset": p["preset"], "cache_speedup": p["cache_speedup"],
-                "cache_speedup_of_medians": p["cache_speedup_of_medians"],
-                "cache_step_over_unet_step": p["unet_over_cache"], "bf16_speedup_of_cache": p["bf16_speedup_of_cache"],
-                "trainable_params": p["parameters"]["trainable"], "dit_params": p["parameters"]["dit"],
-                "vae_params": p["parameters"]["vae"]}
-               for p in result["presets"] + result["diff_only"]]
+    text = table(
+        rows,
+        [
+            "preset",
+            "mode",
+            "dit",
+            "vae",
+            "resolution",
+            "batch",
+            "step_s",
+            "slices_per_s",
+            "vs_encode",
+            "peak_mib",
+            "runs",
+        ],
+        "1. Training throughput (one optimiser step)",
+    )
+    summary = [
+        {
+            "preset": p["preset"],
+            "cache_speedup": p["cache_speedup"],
+            "cache_speedup_of_medians": p["cache_speedup_of_medians"],
+            "cache_step_over_unet_step": p["unet_over_cache"],
+            "bf16_speedup_of_cache": p["bf16_speedup_of_cache"],
+            "trainable_params": p["parameters"]["trainable"],
+            "dit_params": p["parameters"]["dit"],
+            "vae_params": p["parameters"]["vae"],
+        }
+        for p in result["presets"] + result["diff_only"]
+    ]
     text += "\n" + table(summary, list(summary[0]), "1b. Latent cache speedup (paired ratio, same run)")
-    return text + f"\nstep_s: median seconds of one step; vs_encode: paired ratio to the encode mode. Peak memory: " \
-                  f"{result['memory']}.\n"
+    return (
+        text + f"\nstep_s: median seconds of one step; vs_encode: paired ratio to the encode mode. Peak memory: "
+        f"{result['memory']}.\n"
+    )
 
 
 def render_inference(result: dict[str, Any]) -> str:
-    text = table(result["grid"], ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
-                 "2. Inference on the held-out CT slab (one run per setting)")
-    text += "\n" + table(result["headline"], ["model", "s_per_volume", "s_per_slice", "mDSC", "volume_vs_unet",
-                                              "slice_vs_unet", "runs"],
-                         f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), "
-                         "side by side")
-    return text + f"\nDefault sampler: {result['default_sampler']} ({result['rule']}). Precision: " \
-                  f"{result.get('inference_dtype', '?')}.\n"
+    text = table(
+        result["grid"],
+        ["scheduler", "steps", "ensemble", "s_per_slice", "s_per_volume", "mDSC"],
+        "2. Inference on the held-out CT slab (one run per setting)",
+    )
+    text += "\n" + table(
+        result["headline"],
+        ["model", "s_per_volume", "s_per_slice", "mDSC", "volume_vs_unet", "slice_vs_unet", "runs"],
+        f"2b. Whole CT volume ({result['volume_slices']} slices at {result['resolution']}²), side by side",
+    )
+    return (
+        text + f"\nDefault sampler: {result['default_sampler']} ({result['rule']}). Precision: "
+        f"{result.get('inference_dtype', '?')}.\n"
+    )
 
 
 def render_fastpaths(result: dict[str, Any]) -> str:
@@ -148,28 +226,62 @@ def render_fastpaths(result: dict[str, Any]) -> str:
 
 
 def render_flops(result: dict[str, Any]) -> str:
-    return table(result["rows"], ["preset", "dtype", "batch", "tokens", "gflop_per_forward", "forward_s",
-                                  "dit_gflops", "peak_gflops", "peak_shape", "fraction_of_peak", "fraction_paired",
-                                  "runs"], "4. DiT forward against the matmul peak")
+    return table(
+        result["rows"],
+        [
+            "preset",
+            "dtype",
+            "batch",
+            "tokens",
+            "gflop_per_forward",
+            "forward_s",
+            "dit_gflops",
+            "peak_gflops",
+            "peak_shape",
+            "fraction_of_peak",
+            "fraction_paired",
+            "runs",
+        ],
+        "4. DiT forward against the matmul peak",
+    )
 
 
 def render_threads(result: dict[str, Any]) -> str:
-    return table(result["rows"], ["omp_wait_policy", "threads", "load_average", "unet_step", "unet_step_speedup",
-                                  "vae_encode", "vae_encode_speedup"],
-                 "5. OpenMP wait policy and threads (separate processes, one after the other)")
+    return table(
+        result["rows"],
+        [
+            "omp_wait_policy",
+            "threads",
+            "load_average",
+            "unet_step",
+            "unet_step_speedup",
+            "vae_encode",
+            "vae_encode_speedup",
+        ],
+        "5. OpenMP wait policy and threads (separate processes, one after the other)",
+    )
 
 
-RENDER = {"training": render_training, "inference": render_inference, "fastpaths": render_fastpaths,
-          "flops": render_flops, "threads": render_threads}
+RENDER = {
+    "training": render_training,
+    "inference": render_inference,
+    "fastpaths": render_fastpaths,
+    "flops": render_flops,
+    "threads": render_threads,
+}
 
 
 def render(result: dict[str, Any]) -> str:
     """The whole report as markdown (what `make bench` printed, for every section in the JSON)."""
     device = result["device"]
-    lines = [f"# delinea benchmarks ({result['mode']})", "",
-             f"Device: {device['name']} ({device['type']}, {device['threads']} threads, "
-             f"OMP_WAIT_POLICY={result['omp_wait_policy']}); models for sections 2-3: {result.get('models', '–')}.",
-             "Figures are medians of the runs given; ratios are paired ratios of runs interleaved in one process.", ""]
+    lines = [
+        f"# delinea benchmarks ({result['mode']})",
+        "",
+        f"Device: {device['name']} ({device['type']}, {device['threads']} threads, "
+        f"OMP_WAIT_POLICY={result['omp_wait_policy']}); models for sections 2-3: {result.get('models', '–')}.",
+        "Figures are medians of the runs given; ratios are paired ratios of runs interleaved in one process.",
+        "",
+    ]
     for section in ("training", "inference", "fastpaths", "flops", "threads"):
         if section in result:
             lines.append(RENDER[section](result[section]))
@@ -188,8 +300,11 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if "default_seconds_per_volume" in result:
         ratio = result["inference"]["default_over_unet_time"]
         out["default_within_5x_unet_at_equal_dice"] = {
-            "time_ratio": ratio, "default_dice": result["default_dice"], "unet_dice": result["unet_dice"],
-            "met": ratio <= 5 and result["default_dice"] >= result["unet_dice"]}
+            "time_ratio": ratio,
+            "default_dice": result["default_dice"],
+            "unet_dice": result["unet_dice"],
+            "met": ratio <= 5 and result["default_dice"] >= result["unet_dice"],
+        }
     return out
 
 
@@ -204,20 +319,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = json.loads(out.read_text()) if args.update and out.is_file() else {"sections": {}}
     result |= {
-        "device": describe_device(device), "mode": mode, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "precision": {"training": _dtype_name(device),
-                      "inference": "MedDelineaTask inference_dtype (see inference.inference_dtype)"},
+        "device": describe_device(device),
+        "mode": mode,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "precision": {
+            "training": _dtype_name(device),
+            "inference": "MedDelineaTask inference_dtype (see inference.inference_dtype)",
+        },
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    print(f"# delinea benchmarks ({mode}) on {result['device']['name']} ({device.type}, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={result['omp_wait_policy']})\n", flush=True)
+    print(
+        f"# delinea benchmarks ({mode}) on {result['device']['name']} ({device.type}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={result['omp_wait_policy']})\n",
+        flush=True,
+    )
 
     def repeats(section: str) -> int:
         return args.repeats or config[section]["repeats"]
 
     def done(section: str, seconds: float) -> None:
-        result["sections"][section] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                       "load_average": [round(x, 2) for x in os.getloadavg()]}
+        result["sections"][section] = {
+            "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
         result["last_update_seconds" if args.update else "total_seconds"] = round(time.perf_counter() - started, 1)
         result["targets"] = targets(result)
         write_json(result, out)
@@ -227,8 +352,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "flops" in args.sections:
         t0 = time.perf_counter()
         c = config["flops"]
-        dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (
-            (torch.float32, torch.bfloat16) if native_bf16("cpu") else (torch.float32,))
+        dtypes = (
+            (torch.bfloat16, torch.float32)
+            if device.type == "cuda"
+            else ((torch.float32, torch.bfloat16) if native_bf16("cpu") else (torch.float32,))
+        )
         result["flops"] = flops.run(device, c["preset"], c["latent"], c["batch"], repeats("flops"), dtypes)
         result["dit_fraction_of_matmul_peak"] = result["flops"]["rows"][0]["fraction_of_peak"]
         result["dit_fraction_preset"] = f"{c['preset']} {result['flops']['rows'][0]['dtype']}"
@@ -240,9 +368,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         c = config["inference"]
         data = models.load_ct(c["resolution"])
-        md, unet, info = models.get_models(data, device, args.checkpoint, args.unet_checkpoint,
-                                           args.train_seconds if args.train_seconds is not None else c["train_seconds"],
-                                           tiny=c.get("tiny", False))
+        md, unet, info = models.get_models(
+            data,
+            device,
+            args.checkpoint,
+            args.unet_checkpoint,
+            args.train_seconds if args.train_seconds is not None else c["train_seconds"],
+            tiny=c.get("tiny", False),
+        )
         result["models"] = info.pop("summary")
         result["model_details"] = info
         print(f"Models for sections 2-3: {result['models']}\n", flush=True)
@@ -251,20 +384,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "fastpaths" in args.sections:
         t0 = time.perf_counter()
         c = config["fastpaths"]
-        result["fastpaths"] = fastpaths.run(device, md, unet, data, c["preset"], c["resolution"], c["batch"],
-                                            repeats("fastpaths"), compile=c["compile"],
-                                            sample_steps=c.get("sample_steps", 10))
+        result["fastpaths"] = fastpaths.run(
+            device,
+            md,
+            unet,
+            data,
+            c["preset"],
+            c["resolution"],
+            c["batch"],
+            repeats("fastpaths"),
+            compile=c["compile"],
+            sample_steps=c.get("sample_steps", 10),
+        )
         print(render_fastpaths(result["fastpaths"]))
         done("fastpaths", time.perf_counter() - t0)
 
     if "inference" in args.sections:
         t0 = time.perf_counter()
         c = config["inference"]
-        inf = inference.run(md, unet, data, device, repeats("inference"), args.dice_tolerance, c["schedulers"],
-                            c["steps"], c["ensembles"], chunk=c.get("chunk", 16))
+        inf = inference.run(
+            md,
+            unet,
+            data,
+            device,
+            repeats("inference"),
+            args.dice_tolerance,
+            c["schedulers"],
+            c["steps"],
+            c["ensembles"],
+            chunk=c.get("chunk", 16),
+        )
         result["inference"] = inf
-        for key in ("default_sampler", "default_seconds_per_volume", "default_dice", "unet_seconds_per_volume",
-                    "unet_dice"):
+        for key in (
+            "default_sampler",
+            "default_seconds_per_volume",
+            "default_dice",
+            "unet_seconds_per_volume",
+            "unet_dice",
+        ):
             result[key] = inf[key]
         print(render_inference(inf))
         done("inference", time.perf_counter() - t0)
@@ -273,16 +430,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         c = config["training"]
         dtype = torch.bfloat16 if device.type == "cuda" else None
-        train = training.run(device, c["presets"], c["resolution"], c["batch_size"], repeats("training"), dtype,
-                             unet_channels=[4, 8, 16] if mode == "tiny" else None,
-                             diff_only_presets=c.get("diff_only", ()),
-                             bf16_row=device.type == "cpu" and native_bf16("cpu"))
+        train = training.run(
+            device,
+            c["presets"],
+            c["resolution"],
+            c["batch_size"],
+            repeats("training"),
+            dtype,
+            unet_channels=[4, 8, 16] if mode == "tiny" else None,
+            diff_only_presets=c.get("diff_only", ()),
+            bf16_row=device.type == "cpu" and native_bf16("cpu"),
+        )
         result["training"] = train
         headline = train["presets"][-1]  # the largest preset measured (B in the full run)
         result["cache_speedup"] = headline["cache_speedup"]
         result["cache_speedup_preset"] = f"{headline['preset']} at {headline['resolution']}²"
-        result["cache_speedup_by_preset"] = {p["preset"]: p["cache_speedup"]
-                                             for p in train["presets"] + train["diff_only"]}
+        result["cache_speedup_by_preset"] = {
+            p["preset"]: p["cache_speedup"] for p in train["presets"] + train["diff_only"]
+        }
         print(render_training(train))
         done("training", time.perf_counter() - t0)
 

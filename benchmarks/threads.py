@@ -38,8 +38,10 @@ print(json.dumps(out))
 """
 
 
-def run(repeats: int = 5, configs: tuple[tuple[str, int], ...] = (
-        ("default", 2), ("PASSIVE", 2), ("default", 1), ("PASSIVE", 1))) -> dict[str, Any]:
+def run(
+    repeats: int = 5,
+    configs: tuple[tuple[str, int], ...] = (("default", 2), ("PASSIVE", 2), ("default", 1), ("PASSIVE", 1)),
+) -> dict[str, Any]:
     """``default`` leaves OMP_WAIT_POLICY unset (libgomp spins a while, then sleeps)."""
     rows = []
     root = str(Path(__file__).resolve().parents[1])
@@ -48,13 +50,24 @@ def run(repeats: int = 5, configs: tuple[tuple[str, int], ...] = (
         if policy != "default":
             env["OMP_WAIT_POLICY"] = policy
         load = [round(x, 2) for x in os.getloadavg()]
-        done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(repeats)], env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(threads), str(repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"threads benchmark child failed: {done.stderr[-2000:]}")
         times = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append({"omp_wait_policy": policy, "threads": threads, "load_average": load,
-                     **{k: round(v, 4) for k, v in times.items()}})
+        rows.append(
+            {
+                "omp_wait_policy": policy,
+                "threads": threads,
+                "load_average": load,
+                **{k: round(v, 4) for k, v in times.items()},
+            }
+        )
     base = rows[0]
     for row in rows:
         for key in ("unet_step", "vae_encode"):

@@ -56,9 +56,14 @@ def sample_batch(resolution: int, batch_size: int, first_slice: int = 86) -> dic
     """``batch_size`` consecutive axial slices of the sample CT from ``first_slice`` (organs in every one),
     unaugmented, with their cache keys: training windows of ``resolution`` pixels at the spacing that makes the
     CT's 366 mm field of view fill the window (as a finer-spaced scan would)."""
-    dm = FolderDataModule(root=str(SAMPLE), resolution=resolution, batch_size=batch_size, split="all",
-                          spacing=366.0 / resolution,
-                          split_file=str(Path(tempfile.gettempdir()) / "delinea_bench_split.json"))
+    dm = FolderDataModule(
+        root=str(SAMPLE),
+        resolution=resolution,
+        batch_size=batch_size,
+        split="all",
+        spacing=366.0 / resolution,
+        split_file=str(Path(tempfile.gettempdir()) / "delinea_bench_split.json"),
+    )
     dataset = dm.dataset("test")
     ct = [i for i in range(len(dataset)) if dataset.files[int(dataset.case_of[i])].case_id == "ct"]
     start = ct[0] + first_slice
@@ -87,8 +92,13 @@ class _DeviceCache:
         return image.to(self.device), mask.to(self.device)
 
 
-def _stepper(task: torch.nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None,
-             seed: int | None = None) -> Any:
+def _stepper(
+    task: torch.nn.Module,
+    batch: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    seed: int | None = None,
+) -> Any:
     trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
@@ -104,18 +114,31 @@ def _stepper(task: torch.nn.Module, batch: dict[str, Any], device: torch.device,
     return step
 
 
-def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batch_size: int = 2,
-               repeats: int = 3, dtype: torch.dtype | None = None, unet_channels: list[int] | None = None,
-               seg_loss_weight: float = 1.0, bf16_row: bool = False) -> dict[str, Any]:
+def run_preset(
+    preset: Preset,
+    device: torch.device,
+    resolution: int = 256,
+    batch_size: int = 2,
+    repeats: int = 3,
+    dtype: torch.dtype | None = None,
+    unet_channels: list[int] | None = None,
+    seg_loss_weight: float = 1.0,
+    bf16_row: bool = False,
+) -> dict[str, Any]:
     """Slices/s and peak memory of the three modes for one preset, measured side by side; ``bf16_row`` adds
     ``cache_bf16``, the cached mode under bf16 autocast (Lightning's ``precision: bf16-mixed``)."""
     torch.manual_seed(0)
     batch = sample_batch(resolution, batch_size)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with tempfile.TemporaryDirectory(prefix="delinea_bench_cache_") as folder:
-        task = MedDelineaTask(dit=preset.dit, vae=preset.vae, image_size=resolution,
-                              control_blocks=preset.control_blocks, latent_cache=folder,
-                              seg_loss_weight=seg_loss_weight).to(device)
+        task = MedDelineaTask(
+            dit=preset.dit,
+            vae=preset.vae,
+            image_size=resolution,
+            control_blocks=preset.control_blocks,
+            latent_cache=folder,
+            seg_loss_weight=seg_loss_weight,
+        ).to(device)
         task.train()
         cache = _DeviceCache(task.latent_cache, device)
         unet = UNetTask(**({"channels": unet_channels} if unet_channels else {})).to(device)
@@ -148,46 +171,78 @@ def run_preset(preset: Preset, device: torch.device, resolution: int = 256, batc
         timing = side_by_side(modes, device, repeats=repeats, warmup=0, memory=True)
         hits = cache.cache.hits - hits_before
         seg_max = int(task.hparams.seg_max_timestep)
-        params = {"dit": count_parameters(task.model.dit), "vae": count_parameters(task.model.vae.vae),
-                  "trainable": count_parameters(task, trainable_only=True), "unet": count_parameters(unet)}
-        del task, unet
+        params = {
+            "dit": count_parameters(task.model.dit),
+            "vae": count_parameters(task.model.vae.vae),
+            "trainable": count_parameters(task, trainable_only=True),
+            "unet": count_parameters(unet),
+        }
+        task = unet = None  # free the models before the next preset (the closures must not see a deleted name)
     label = preset.name + (" (L_diff only)" if seg_loss_weight == 0 else "")
     rows = []
     for mode in timing:
         seconds = timing[mode]["seconds"]
-        rows.append({
-            "preset": label if mode != "unet" else "UNet",
-            "mode": mode,
-            "dit": preset.dit if mode != "unet" else "–",
-            "vae": preset.vae if mode != "unet" else "–",
-            "resolution": resolution,
-            "batch": batch_size,
-            "step_s": round(median(seconds), 4),
-            "slices_per_s": round(batch_size / median(seconds), 3),
-            "peak_mib": round(timing[mode]["peak_mib"], 1),
-            "vs_encode": round(paired_ratio(timing["encode"]["seconds"], seconds), 3),
-            "runs": len(seconds),
-        })
+        rows.append(
+            {
+                "preset": label if mode != "unet" else "UNet",
+                "mode": mode,
+                "dit": preset.dit if mode != "unet" else "–",
+                "vae": preset.vae if mode != "unet" else "–",
+                "resolution": resolution,
+                "batch": batch_size,
+                "step_s": round(median(seconds), 4),
+                "slices_per_s": round(batch_size / median(seconds), 3),
+                "peak_mib": round(timing[mode]["peak_mib"], 1),
+                "vs_encode": round(paired_ratio(timing["encode"]["seconds"], seconds), 3),
+                "runs": len(seconds),
+            }
+        )
     return {
-        "preset": label, "dit": preset.dit, "vae": preset.vae, "control_blocks": preset.control_blocks,
-        "resolution": resolution, "batch": batch_size, "parameters": params, "rows": rows,
+        "preset": label,
+        "dit": preset.dit,
+        "vae": preset.vae,
+        "control_blocks": preset.control_blocks,
+        "resolution": resolution,
+        "batch": batch_size,
+        "parameters": params,
+        "rows": rows,
         "cache_speedup": round(paired_ratio(timing["encode"]["seconds"], timing["cache"]["seconds"]), 3),
         "cache_speedup_of_medians": round(median(timing["encode"]["seconds"]) / median(timing["cache"]["seconds"]), 3),
         "unet_over_cache": round(paired_ratio(timing["cache"]["seconds"], timing["unet"]["seconds"]), 3),
-        "bf16_speedup_of_cache": (round(paired_ratio(timing["cache"]["seconds"], timing["cache_bf16"]["seconds"]), 3)
-                                  if "cache_bf16" in timing else None),
-        "cache_hits_in_timed_steps": hits, "seg_loss_weight": seg_loss_weight,
+        "bf16_speedup_of_cache": (
+            round(paired_ratio(timing["cache"]["seconds"], timing["cache_bf16"]["seconds"]), 3)
+            if "cache_bf16" in timing
+            else None
+        ),
+        "cache_hits_in_timed_steps": hits,
+        "seg_loss_weight": seg_loss_weight,
         "timesteps_below_seg_max": f"{round(batch_size * seg_max / 1000)} of {batch_size}",
     }
 
 
-def run(device: torch.device, presets: list[str], resolution: int = 256, batch_size: int = 2, repeats: int = 3,
-        dtype: torch.dtype | None = None, unet_channels: list[int] | None = None,
-        diff_only_presets: tuple[str, ...] = (), bf16_row: bool = False) -> dict[str, Any]:
+def run(
+    device: torch.device,
+    presets: list[str],
+    resolution: int = 256,
+    batch_size: int = 2,
+    repeats: int = 3,
+    dtype: torch.dtype | None = None,
+    unet_channels: list[int] | None = None,
+    diff_only_presets: tuple[str, ...] = (),
+    bf16_row: bool = False,
+) -> dict[str, Any]:
     """Every preset's table; ``diff_only_presets`` are measured again with L_diff only (seg_loss_weight 0)."""
-    results = [run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels,
-                          bf16_row=bf16_row) for p in presets]
-    extra = [run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels,
-                        seg_loss_weight=0.0) for p in diff_only_presets]
-    return {"presets": results, "diff_only": extra, "memory": memory_method(device),
-            "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")}
+    results = [
+        run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels, bf16_row=bf16_row)
+        for p in presets
+    ]
+    extra = [
+        run_preset(PRESETS[p], device, resolution, batch_size, repeats, dtype, unet_channels, seg_loss_weight=0.0)
+        for p in diff_only_presets
+    ]
+    return {
+        "presets": results,
+        "diff_only": extra,
+        "memory": memory_method(device),
+        "method": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
+    }

@@ -1,7 +1,6 @@
-"""Lightning callbacks that write what ``delinea test`` and ``delinea predict`` produce; the tasks only compute.
-
-Both check their outputs before the first batch, so a run that would refuse to overwrite, or could not write,
-stops before any computation.
+"""What writes files during a run; the tasks only compute. The callbacks that write what ``delinea test`` and
+``delinea predict`` produce check their outputs before the first batch, so a run that would refuse to overwrite, or
+could not write, stops before any computation. :class:`AtomicCheckpointIO` writes checkpoints whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from delinea.evaluation import save_overlays, write_reports
 from delinea.io import save_nifti
@@ -23,6 +24,33 @@ from delinea.labels import ORGANS
 from delinea.tasks.volumes import PredictedCase
 
 REPORT_FILES = ("metrics_per_case.csv", "metrics_summary.json", "metrics_table.md")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: into a temporary file beside the target (``.<name>.tmp-<pid>``),
+    flushed to disk, then renamed over the target, which ``os.replace`` does atomically within a folder. A kill, a
+    full disk or a file-size limit during a save leaves the previous checkpoint intact; on errors the temporary
+    file is removed (one left by a SIGKILL is never mistaken for a checkpoint). Lightning's own writer stages the
+    file in ``$TMPDIR`` and moves it, which becomes a truncating copy when that is another filesystem.
+
+    Remote paths (``s3://``, ...) are left to Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -> Path:
@@ -45,7 +73,9 @@ def check_writable(folder: Path, targets: Sequence[Path], overwrite: bool) -> No
             raise NotADirectoryError(f"output {folder}: {parent} is a file, not a folder")
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
-        names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        names = ", ".join(str(p) for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
         raise FileExistsError(f"{names} exist(s); pass --overwrite true to replace, or choose another --output")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,14 +109,27 @@ class TestReport(Callback):
         if trainer.is_global_zero:
             check_writable(self.folder, [self.folder / name for name in REPORT_FILES], self.overwrite)
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for case in outputs or ():
             if self._drawn >= self.overlays:
                 break
             image = trainer.datamodule.load_image(case.case_id)  # the image is read for figures only
-            save_overlays(image, case.label, case.labels, self.folder / "overlays" / case.case_id,
-                          spacing=case.geometry.spacing, overwrite=self.overwrite)
+            save_overlays(
+                image,
+                case.label,
+                case.labels,
+                self.folder / "overlays" / case.case_id,
+                spacing=case.geometry.spacing,
+                overwrite=self.overwrite,
+            )
             self._drawn += 1
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -123,9 +166,16 @@ class PredictionWriter(BasePredictionWriter):
         # Every case's files are checked now: a later case must not fail after earlier ones were written.
         check_writable(self.folder, [p for c in cases for p in self.targets(c).values()], self.overwrite)
 
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         for case in prediction or ():
             self.write(case, trainer, pl_module)
 
@@ -133,11 +183,19 @@ class PredictionWriter(BasePredictionWriter):
         """Write one case's label map (and uncertainty) in the input's voxel order, then its sidecar."""
         targets = self.targets(case.case_id)
         geometry = case.geometry
-        save_nifti(geometry.to_original(case.labels).astype(np.uint8), geometry.original_affine, targets["labels"],
-                   overwrite=self.overwrite)
+        save_nifti(
+            geometry.to_original(case.labels).astype(np.uint8),
+            geometry.original_affine,
+            targets["labels"],
+            overwrite=self.overwrite,
+        )
         if self.save_uncertainty:
-            save_nifti(geometry.to_original(case.uncertainty.astype(np.float32)), geometry.original_affine,
-                       targets["uncertainty"], overwrite=self.overwrite)
+            save_nifti(
+                geometry.to_original(case.uncertainty.astype(np.float32)),
+                geometry.original_affine,
+                targets["uncertainty"],
+                overwrite=self.overwrite,
+            )
         present = sorted(int(v) for v in np.unique(case.labels) if v)
         plan = getattr(trainer.datamodule, "plan", None)
         sidecar = {
@@ -149,6 +207,8 @@ class PredictionWriter(BasePredictionWriter):
             "plan": plan.to_dict() if plan is not None else None,
             "files": {k: str(v) for k, v in targets.items() if k != "sidecar"},
         }
+        if hasattr(trainer.datamodule, "case_notes"):
+            sidecar |= trainer.datamodule.case_notes(case.case_id)
         # The sidecar is written last and atomically: its presence means the case is complete.
         temporary = targets["sidecar"].with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(sidecar, indent=2) + "\n")

@@ -13,3 +13,11 @@ class DatasetError(UserError):
 
 class OptionError(UserError):
     """An option (a value in a config or on the command line) that cannot work; the message names it."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or model folder that cannot be read, or that does not fit the model; the message names it."""
+
+
+class NonFiniteLossError(UserError):
+    """Training met a NaN or infinite loss; the message names the step and the batch's cases."""

@@ -16,6 +16,7 @@ import gzip
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -75,15 +76,26 @@ class Geometry:
     ornt: np.ndarray = field(repr=False)
 
     @classmethod
-    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
-        """Geometry of an array of ``shape`` (3 axes) stored with ``affine``."""
+    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...], source: str | Path = "the affine") -> Geometry:
+        """Geometry of an array of ``shape`` (3 axes) stored with ``affine``.
+
+        Raises:
+            DatasetError: the affine is not finite or is singular (no orientation or spacing); names ``source``.
+        """
         affine = np.asarray(affine, dtype=np.float64)
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) if np.isfinite(affine).all() else np.zeros(3)
+        if not spacing.all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+            raise DatasetError(
+                f"{source}: the voxel-to-world affine {affine[:3, :3].round(4).tolist()} is singular or not finite, "
+                "so the scan's orientation and voxel size are unknown; fix the header's qform/sform"
+            )
         shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
         ornt = orientations.ornt_transform(orientations.io_orientation(affine), _CANONICAL)
         canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape3)
-        canonical_shape = tuple(shape3[int(axis)] for axis in np.argsort(ornt[:, 0]))
-        spacing = tuple(float(s) for s in np.sqrt((canonical_affine[:3, :3] ** 2).sum(0)))
-        return cls(affine, shape3, canonical_affine, canonical_shape, spacing, ornt)  # type: ignore[arg-type]
+        order = [int(axis) for axis in np.argsort(ornt[:, 0])]
+        canonical_shape = (shape3[order[0]], shape3[order[1]], shape3[order[2]])
+        sx, sy, sz = (float(s) for s in np.sqrt((canonical_affine[:3, :3] ** 2).sum(0)))
+        return cls(affine, shape3, canonical_affine, canonical_shape, (sx, sy, sz), ornt)
 
     def to_canonical(self, array: np.ndarray) -> np.ndarray:
         """Reorient an array in the stored voxel order (extra trailing axes allowed) to canonical RAS+; a view."""
@@ -94,9 +106,7 @@ class Geometry:
     def to_original(self, array: np.ndarray) -> np.ndarray:
         """Map a canonical array (extra trailing axes allowed) back to the stored voxel order; a view."""
         if tuple(array.shape[:3]) != self.canonical_shape:
-            raise ValueError(
-                f"array shape {array.shape[:3]} does not match the canonical shape {self.canonical_shape}"
-            )
+            raise ValueError(f"array shape {array.shape[:3]} does not match the canonical shape {self.canonical_shape}")
         back = orientations.ornt_transform(_CANONICAL, orientations.io_orientation(self.original_affine))
         return orientations.apply_orientation(array, back)
 
@@ -123,7 +133,7 @@ class Volume:
 
     def values(self, dtype: type = np.float32) -> np.ndarray:
         """The scaled canonical array as ``dtype`` (a copy)."""
-        out = self.array.astype(dtype)
+        out: np.ndarray = self.array.astype(dtype)
         if self.slope != 1.0:
             out *= dtype(self.slope)
         if self.intercept != 0.0:
@@ -141,7 +151,7 @@ def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
             f"{path}: expected a 3D volume (a 4D volume with one trailing singleton axis is accepted), "
             f"got a {len(shape)}D array of shape {shape}"
         )
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
@@ -166,7 +176,7 @@ def read_geometry(path: str | Path) -> Geometry:
     if path.is_dir():
         return read_dicom_series(path, header_only=True).geometry
     img = _load_nifti(path)
-    return Geometry.from_affine(img.affine, _squeeze_to_3d(img.shape, path))
+    return Geometry.from_affine(img.affine, _squeeze_to_3d(img.shape, path), path)
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -185,9 +195,9 @@ def read_volume(path: str | Path) -> Volume:
         raise DatasetError(f"{path}: expected a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
     img = _load_nifti(path)
     shape = _squeeze_to_3d(img.shape, path)
-    geometry = Geometry.from_affine(img.affine, shape)
+    geometry = Geometry.from_affine(img.affine, shape, path)
     try:
-        proxy = img.dataobj
+        proxy: Any = img.dataobj  # an ArrayProxy (stored values + scaling) or an in-memory array
         if nib.is_proxy(proxy):
             array = np.asanyarray(proxy.get_unscaled())
             slope, intercept = float(proxy.slope), float(proxy.inter)
@@ -263,7 +273,7 @@ def read_dicom_series(folder: str | Path, header_only: bool = False) -> Volume:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS+ -> RAS+
     rows, cols = int(datasets[0][1].Rows), int(datasets[0][1].Columns)
     shape = (cols, rows, len(datasets))
-    geometry = Geometry.from_affine(affine, shape)
+    geometry = Geometry.from_affine(affine, shape, folder)
     if header_only:
         return Volume(np.zeros((0, 0, 0), np.float32), geometry, folder)
     array = np.empty(shape, dtype=np.float32)

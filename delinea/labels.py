@@ -6,7 +6,6 @@ fine-tuning and zero-shot testing agree on what class ``c`` means.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 ORGANS: tuple[str, ...] = (
@@ -40,7 +39,7 @@ PALETTE = torch.tensor(
     ]
 )
 
-# Source label id -> unified id, per dataset (DESIGN.md section 2). Ids not listed map to background.
+# Source label id -> unified id, per dataset (docs/design.md). Ids not listed map to background.
 ATLAS8K = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 8: 7, 9: 8}
 BTCV = {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 11: 6, 1: 7, 7: 8}
 AMOS = {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 10: 6, 1: 7, 7: 8}
@@ -58,26 +57,6 @@ ATLAS8K_FILES = {
     "spleen": 7,
     "stomach": 8,
 }
-
-
-def map_labels(label: np.ndarray, table: dict[int, int]) -> np.ndarray:
-    """Map a source label array to unified ids with a lookup table; ids missing from ``table`` become background."""
-    label = np.asarray(label)
-    # Integer arrays are used as they are: a CT label map has ~10^8 voxels, so no float or int64 copies.
-    if label.dtype.kind == "f":
-        if label.size and (not np.isfinite(label).all() or not np.array_equal(label, np.round(label))):
-            raise ValueError("label ids must be non-negative integers, got non-integer values")
-        label = label.astype(np.int64)
-    elif label.dtype.kind == "b":
-        label = label.astype(np.uint8)
-    elif label.dtype.kind not in "iu":
-        raise ValueError(f"label ids must be non-negative integers, got dtype {label.dtype}")
-    if label.size and label.min() < 0:
-        raise ValueError(f"label ids must be non-negative integers, got values in [{label.min()}, {label.max()}]")
-    lut = np.zeros(max(int(label.max(initial=0)), max(table, default=0)) + 1, dtype=np.uint8)
-    for source, unified in table.items():
-        lut[source] = unified
-    return lut[label]
 
 
 def all_labelled() -> torch.Tensor:

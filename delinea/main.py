@@ -1,169 +1,243 @@
-"""The ``delinea`` command: LightningCLI over delinea's tasks and datamodules.
+"""The ``delinea`` command: LightningCLI over delinea's segmentation tasks and datamodules.
 
     delinea fit  --config configs/pretrain.yaml
     delinea fit  --config configs/finetune.yaml --data btcv
     delinea test --ckpt atlas.ckpt --data amos
-    delinea predict --ckpt model.ckpt --data.path scan.nii.gz --output predictions/
+    delinea predict --ckpt model.ckpt --data scan --data.path scan.nii.gz --output predictions/
+
+What it adds to LightningCLI: dataset names for ``--data``; a checkpoint's task and hyperparameters as the model's
+defaults (explicit ``--model.*`` options and configs override them; only the tasks in :data:`TASKS` are accepted,
+so a checkpoint cannot make delinea import anything); ``--ckpt_path last`` resolved to the run's newest
+``last.ckpt``; the output callbacks; and user errors as one line with exit code 2. ``delinea-pretrain`` runs the
+backbone pretraining tasks.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import delinea
-import delinea.tasks  # noqa: F401 - lets YAML name tasks by class name
-from delinea.callbacks import PredictionWriter, TestReport
+from delinea.callbacks import AtomicCheckpointIO, PredictionWriter, TestReport
+from delinea.datamodules import DATAMODULES, MedSegDataModule
 from delinea.errors import UserError
-import delinea.tasks.backbones  # noqa: F401 - the backbone pretraining tasks (the demo's VAE and DiT)
-from delinea.datamodules import DATAMODULES
+from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
+from delinea.tasks.base import read_checkpoint
+from delinea.tasks.export import is_model_folder, load_into, read_model_folder
 
-# Names accepted by ``--data`` (case-insensitive) besides the class names themselves.
-DATA_ALIASES: dict[str, str] = {name: f"{cls.__module__}.{cls.__name__}" for name, cls in DATAMODULES.items()}
-DATA_ALIASES |= {"atlas": DATA_ALIASES["atlas8k"], "atlas-8k": DATA_ALIASES["atlas8k"],
-                 "abdomenatlas": DATA_ALIASES["atlas8k"], "cirrmri600+": DATA_ALIASES["cirrmri600"],
-                 "cirrmri": DATA_ALIASES["cirrmri600"], "pansegdata": DATA_ALIASES["panseg"]}
-
-
-class CLIError(Exception):
-    """A user error reported as one line with exit code 2."""
+#: Names accepted by ``--data`` (case-insensitive), besides the class names.
+DATA_ALIASES: dict[str, str] = {name: cls.__name__ for name, cls in DATAMODULES.items()} | {
+    "atlas": "Atlas8kDataModule", "atlas-8k": "Atlas8kDataModule", "abdomenatlas": "Atlas8kDataModule",
+    "cirrmri600+": "CirrMRI600DataModule", "cirrmri": "CirrMRI600DataModule", "pansegdata": "PanSegDataModule",
+}  # fmt: skip
+CKPT_NAMES = ("--ckpt_path", "--ckpt")
 
 
-def _option(argv: list[str], names: tuple[str, ...]) -> tuple[int, str] | None:
-    """Index and value of the last ``--name value`` or ``--name=value`` in argv."""
-    found = None
+class CLIError(UserError):
+    """A command-line error reported as one line with exit code 2."""
+
+
+def _take(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """Remove every ``--name value`` / ``--name=value`` of ``names`` from argv; the last value, or None."""
+    value, i = None, 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        if name in names:
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i : i + (1 if eq else 2)]
+            continue
+        i += 1
+    return value
+
+
+def _value(argv: list[str], name: str, replace: str | None = None) -> str | None:
+    """The last value of ``--name`` in argv, replaced in place by ``replace`` if given."""
+    value, where = None, None
     for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                found = (i + 1, argv[i + 1])
-            elif arg.startswith(name + "="):
-                found = (i, arg.split("=", 1)[1])
-    return found
+        if arg == name and i + 1 < len(argv):
+            value, where = argv[i + 1], (i + 1, False)
+        elif arg.startswith(name + "="):
+            value, where = arg.split("=", 1)[1], (i, True)
+    if replace is not None and where is not None:
+        argv[where[0]] = f"{name}={replace}" if where[1] else replace
+    return value
 
 
-def _set(argv: list[str], at: int, value: str) -> None:
-    argv[at] = argv[at].split("=", 1)[0] + "=" + value if argv[at].startswith("--") else value
-
-
-def rewrite_arguments(argv: list[str]) -> list[str]:
-    """Resolve dataset aliases, check the checkpoint and fraction, and take the task class from a checkpoint.
+def read_checkpoint_task(path: Path) -> tuple[str, dict[str, Any]]:
+    """The registered task name and hyperparameters a delinea checkpoint (read weights-only and memory-mapped: the
+    tensors are not loaded) or model folder was saved with.
 
     Raises:
-        CLIError: unknown dataset, fraction outside (0, 1], missing or unreadable checkpoint.
+        CheckpointError: the file is not a checkpoint, or names no task (or one delinea does not register).
     """
-    argv = list(argv)
-    data = _option(argv, ("--data",))
-    if data is not None:
-        at, value = data
-        classes = {cls.__name__ for cls in DATAMODULES.values()}
-        if value.lower() in DATA_ALIASES:
-            _set(argv, at, DATA_ALIASES[value.lower()])
-        elif value not in classes and "." not in value and "/" not in value:
-            raise CLIError(f"unknown dataset {value!r}; choose one of {', '.join(DATAMODULES)}")
-    fraction = _option(argv, ("--data.fraction", "--data.init_args.fraction"))
-    if fraction is not None:
-        try:
-            ok = 0 < float(fraction[1]) <= 1
-        except ValueError:
-            ok = False
-        if not ok:
-            raise CLIError(f"--data.fraction {fraction[1]} must be a number in (0, 1]")
-    ckpt = _option(argv, ("--ckpt", "--ckpt_path"))
-    if ckpt is not None and ckpt[1] not in ("last", "best", "hpc", "registry", "null", "None"):
-        path = Path(ckpt[1])
-        if not path.is_file():
-            raise CLIError(f"checkpoint not found: {path}")
-        if _option(argv, ("--model",)) is None:
-            argv[1:1] = ["--model", checkpoint_task(path)]
-    return argv
+    checkpoint = read_checkpoint(path, mmap=True)
+    if "state_dict" not in checkpoint:
+        raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    return checkpoint_task(checkpoint, path).__name__, hparams
 
 
-def checkpoint_task(path: Path) -> str:
-    """The task class a delinea checkpoint was trained with (read without unpickling code)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CLIError(f"cannot read checkpoint {path}: {error}") from error
-    hparams = checkpoint.get("hyper_parameters", {})
-    task = checkpoint.get("delinea_task") or hparams.get("_class_path")
-    if not task:
-        raise CLIError(f"checkpoint {path} does not name its task; pass --model MedDelineaTask or UNetTask")
-    return task
+def check_fits(model: LightningModule, path: Path) -> None:
+    """Refuse a checkpoint whose weights do not fit the model built from the options (read memory-mapped), naming
+    the options that differ from the ones it was trained with.
+
+    Raises:
+        CLIError: a weight's shape differs, or the checkpoint lacks or adds trainable weights.
+    """
+    checkpoint = read_checkpoint(path, mmap=True)
+    state, own = checkpoint.get("state_dict", {}), model.state_dict()
+    frozen = model.frozen_keys() if hasattr(model, "frozen_keys") else set()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong += [k for k in state if k not in own] + [k for k in own if k not in state and k not in frozen]
+    if not wrong:
+        return
+    saved = checkpoint.get("hyper_parameters", {})
+    differ = [f"{k}={model.hparams[k]!r} (checkpoint: {saved[k]!r})" for k in saved
+              if k in model.hparams and saved[k] != model.hparams[k]]  # fmt: skip
+    raise CLIError(
+        f"checkpoint {path} does not fit the model the options build ({len(wrong)} weights differ, e.g. {wrong[0]})"
+        + (f"; options that differ from the checkpoint's: {', '.join(differ)}" if differ else "")
+    )
 
 
-def user_message(error: BaseException) -> str:
-    """The message of the error delinea itself raised, out of jsonargparse's wrapping of it."""
-    current: BaseException | None = error
-    while current is not None:
-        frames = traceback.extract_tb(current.__traceback__)
-        if frames and f"{Path('delinea')}{os.sep}" in frames[-1].filename.replace("/", os.sep):
-            return str(current).strip()
-        current = current.__cause__ or current.__context__
-    lines = [line.strip() for line in str(error).splitlines()]
-    listed = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
-    return listed[0] if listed else (lines[-1] if lines else repr(error))
+def find_last_checkpoint(trainer: Trainer) -> Path:
+    """The newest ``last*.ckpt`` of the run (what ``--ckpt_path last`` resumes): in the checkpoint callbacks'
+    folders, the loggers' folders (Lightning's ``<root>/lightning_logs/version_N/checkpoints``) and the run's
+    ``default_root_dir``, up to four folders deep.
+
+    Raises:
+        CLIError: there is none; a run is never silently started over.
+    """
+    roots = {Path(trainer.default_root_dir)}
+    roots |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    roots |= {Path(root) for logger in trainer.loggers if (root := getattr(logger, "root_dir", None))}
+    patterns = ["/".join(["*"] * depth + ["last*.ckpt"]) for depth in range(5)]
+    found = {p for root in roots if root.is_dir() for pattern in patterns for p in root.glob(pattern) if p.is_file()}
+    if not found:
+        where = ", ".join(sorted(str(r) for r in roots))
+        raise CLIError(
+            f"--ckpt_path last: no last.ckpt under {where}; start a new run without it, or give the checkpoint's path"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def explicit_model_arguments(argv: list[str]) -> dict[str, Any]:
-    """Model init arguments the user gave in ``--config`` files and ``--model.X`` options, in order."""
-    found: dict[str, Any] = {}
-    for i, arg in enumerate(argv):
-        name, _, value = arg.partition("=")
-        if not value and i + 1 < len(argv):
-            value = argv[i + 1]
-        if name in ("-c", "--config") and Path(value).is_file():
-            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model") or {}
-            found.update(model.get("init_args") or {})
-        elif name.startswith("--model.") and name != "--model.help":
-            found[name.removeprefix("--model.").removeprefix("init_args.")] = yaml.safe_load(value)
-    return found
+class NumberedConfigSaver(SaveConfigCallback):
+    """Saves the run's full config beside its logs, never over an earlier one: when ``config.yaml`` is there (a
+    resumed run, or runs sharing a folder without a logger) the next free ``config-<n>.yaml`` is used."""
+
+    config_filename: str
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        name = None
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
+            name, n = self.config_filename, 0
+            while (Path(trainer.log_dir) / name).exists():
+                n += 1
+                name = f"{stem}-{n}{suffix}"
+        self.config_filename = trainer.strategy.broadcast(name) or self.config_filename
+        super().setup(trainer, pl_module, stage)
 
 
-class DelineaCLI(LightningCLI):
-    """LightningCLI with dataset aliases, one-line user errors and output options for test and predict."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument("--output", type=str | None, default=None,
-                            help="folder for test reports or predictions (default: the run's log folder)")
-        parser.add_argument("--overwrite", type=bool, default=False,
-                            help="replace existing reports or predictions instead of refusing")
-        parser.add_argument("--save_uncertainty", type=bool, default=False,
-                            help="predict: also write the ensemble's per-voxel uncertainty map")
-        parser.add_argument("--overlays", type=int, default=3, help="test: cases to draw overlay figures for")
-
-    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
-        if args is None:  # from the shell: rewrite sys.argv itself, as LightningCLI warns on both at once
-            sys.argv = [sys.argv[0], *rewrite_arguments(sys.argv[1:])]
-            argv = sys.argv[1:]
-            super().parse_arguments(parser, None)
-        else:
-            argv = rewrite_arguments(list(args))
-            super().parse_arguments(parser, argv)
-        self.model_overrides = explicit_model_arguments(argv)
-
-    def _parse_ckpt_path(self) -> None:
-        """Checkpoint hyperparameters first, then what the user set explicitly (``--model.sampler ddim`` or a
-        ``--config`` with ``model.init_args``): LightningCLI alone would let the checkpoint win."""
-        super()._parse_ckpt_path()
-        subcommand = self.config.get("subcommand")
-        if subcommand and self.config[subcommand].get("ckpt_path") and self.model_overrides:
-            class_path = self.config[subcommand]["model"]["class_path"]
-            update = {subcommand: {"model": {"class_path": class_path, "init_args": self.model_overrides}}}
-            self.config = self.parser.parse_object(update, self.config)
+class OneLineErrorsCLI(LightningCLI):
+    """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, and
+    whose checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`)."""
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, KeyError) as error:
             raise CLIError(user_message(error)) from error
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a writer the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+class DelineaCLI(OneLineErrorsCLI):
+    """LightningCLI with dataset names, checkpoint defaults, ``last`` resolution and the output callbacks."""
+
+    checkpoint: Path | str | None = None
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--output",
+            type=str | None,
+            default=None,
+            help="folder for test reports or predictions (default: the run's log folder)",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False, help="replace existing reports or predictions instead of refusing"
+        )
+        parser.add_argument(
+            "--save_uncertainty",
+            type=bool,
+            default=False,
+            help="predict: also write the ensemble's per-voxel uncertainty map",
+        )
+        parser.add_argument("--overlays", type=int, default=3, help="test: cases to draw overlay figures for")
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        argv = self.prepare_argv(list(sys.argv[1:] if args is None else args))
+        if args is None:  # from the shell: LightningCLI warns when given both argv and args
+            sys.argv[1:] = argv
+        super().parse_arguments(parser, None if args is None else argv)
+        subcommand = self.config.get("subcommand")
+        if self.checkpoint_task is not None and subcommand:
+            chosen = self.config[subcommand]["model"]["class_path"].rsplit(".", 1)[-1]
+            if chosen != self.checkpoint_task:
+                raise CLIError(
+                    f"--model {chosen} contradicts checkpoint {self.checkpoint}, which holds a "
+                    f"{self.checkpoint_task}; drop --model"
+                )
+
+    def prepare_argv(self, argv: list[str]) -> list[str]:
+        """Resolve ``--data`` names; take the checkpoint out of argv (this CLI hands it to the trainer) and put its
+        task and hyperparameters first, as defaults that the user's options override."""
+        self.checkpoint_task: str | None = None
+        data = _value(argv, "--data")
+        if data is not None and data.lower() in DATA_ALIASES:
+            _value(argv, "--data", replace=DATA_ALIASES[data.lower()])
+        elif data is not None and data not in DATA_ALIASES.values() and "." not in data:
+            raise CLIError(f"unknown dataset {data!r}; choose one of {', '.join(DATAMODULES)}")
+        if not argv or argv[0] not in self.subcommands():
+            return argv
+        checkpoint = _take(argv, CKPT_NAMES)
+        if checkpoint in (None, "null", "None"):
+            return argv
+        if checkpoint == "last" and argv[0] == "fit":
+            self.checkpoint = "last"  # resolved once the run folder is known (before_fit)
+            return argv
+        path = Path(checkpoint)
+        if not path.is_file() and not is_model_folder(path):
+            raise CLIError(f"checkpoint not found: {path}")
+        if argv[0] == "fit" and is_model_folder(path):
+            raise CLIError(
+                f"{path} is a model folder: it holds weights, not a run to resume; fine-tune from it with "
+                f"--model.init_from {path}"
+            )
+        self.checkpoint = path
+        self.checkpoint_task, hparams = read_checkpoint_task(path)
+        explicit = _value(argv, "--model")
+        if (
+            explicit is not None
+            and not explicit.lstrip().startswith("{")
+            and explicit.rsplit(".", 1)[-1] != self.checkpoint_task
+        ):
+            raise CLIError(
+                f"--model {explicit} contradicts checkpoint {path}, which holds a {self.checkpoint_task}; drop --model"
+            )
+        task = TASKS[self.checkpoint_task]
+        defaults = json.dumps({"class_path": f"{task.__module__}.{task.__name__}", "init_args": hparams})
+        return [argv[0], "--model", defaults, *argv[1:]]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with the callbacks that write test reports and predictions where ``--output`` says."""
@@ -176,34 +250,115 @@ class DelineaCLI(LightningCLI):
         ])  # fmt: skip
         return trainer
 
-    def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None,
-                return_predictions: bool | None = None, **kwargs: Any) -> None:
+    def _checkpoint_path(self) -> str | None:
+        """The checkpoint for the trainer, checked against the model; a model folder is loaded into the model here
+        instead."""
+        if self.checkpoint == "last":
+            self.checkpoint = find_last_checkpoint(self.trainer)
+        if self.checkpoint is not None and is_model_folder(self.checkpoint):
+            load_into(self.model, read_model_folder(self.checkpoint))
+            return None
+        if self.checkpoint is not None:
+            check_fits(self.model, Path(self.checkpoint))
+        return None if self.checkpoint is None else str(self.checkpoint)
+
+    # The subcommands, with the checkpoint this CLI took out of argv, loaded weights-only whatever the environment
+    # says (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot switch it off).
+    def fit(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        kwargs.update(ckpt_path=self._checkpoint_path(), weights_only=True)
+        if kwargs["ckpt_path"] is None and isinstance(model, SegmentationTask):
+            model.start_from_parent()  # a bad init_from stops the run before the data are read
+        self.trainer.fit(model, datamodule=datamodule, **kwargs)
+
+    def validate(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        self.trainer.validate(
+            model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True}
+        )
+
+    def test(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        self.trainer.test(
+            model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True}
+        )
+
+    def predict(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         """``trainer.predict`` that keeps no predictions in memory unless asked: the writer has them on disk."""
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=bool(return_predictions), **kwargs)
+        self.trainer.predict(
+            model,
+            datamodule=datamodule,
+            return_predictions=bool(return_predictions),
+            **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True},
+        )
+
+
+def user_message(error: BaseException) -> str:
+    """The message of the delinea error inside jsonargparse's wrapping, else jsonargparse's own last line."""
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, (UserError, FileNotFoundError)):
+            return str(current).strip()
+        current = current.__cause__ or current.__context__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    listed = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return listed[0] if listed else (lines[-1] if lines else repr(error))
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:
     """The ``delinea`` LightningCLI; ``run=False`` only parses and instantiates (config tests)."""
     return DelineaCLI(
-        # Any LightningModule and datamodule: the segmentation tasks, and the backbone pretraining tasks.
-        model_class=LightningModule,
-        datamodule_class=LightningDataModule,
+        model_class=SegmentationTask,
+        datamodule_class=MedSegDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=NumberedConfigSaver,
         parser_kwargs={"version": delinea.__version__},
         args=args,
         run=run,
     )
 
 
+def report(program: str, error: BaseException) -> None:
+    """Print a user error as one line and exit with code 2. An error raised in a loader worker arrives wrapped in
+    the worker's traceback; its own message is that traceback's last line."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    print(f"{program}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def main(args: ArgsType = None) -> None:
     """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2."""
     try:
         build_cli(args)
-    except (CLIError, UserError, FileExistsError, NotADirectoryError, PermissionError) as error:
-        print(f"delinea: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (UserError, FileExistsError, NotADirectoryError, PermissionError) as error:
+        report("delinea", error)
+
+
+def pretrain(args: ArgsType = None) -> None:
+    """The ``delinea-pretrain`` command: LightningCLI over the backbone pretraining tasks
+    (:mod:`delinea.tasks.pretraining`) and delinea's datamodules. User errors exit with code 2."""
+    from delinea.tasks.pretraining import BackbonePretrainTask
+
+    try:
+        OneLineErrorsCLI(
+            BackbonePretrainTask,
+            MedSegDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_callback=NumberedConfigSaver,
+            parser_kwargs={"version": delinea.__version__},
+            args=args,
+        )
+    except (UserError, FileExistsError) as error:
+        report("delinea-pretrain", error)
 
 
 if __name__ == "__main__":

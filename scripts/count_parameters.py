@@ -18,8 +18,12 @@ def counts(preset: str, vae: str, control_blocks: int, image_size: int = 256) ->
         model = MedDelinea(dit, mask_vae, control_blocks=control_blocks)
     for module in model.frozen_modules():
         module.requires_grad_(False)
-    return (count_parameters(model), count_parameters(model, trainable_only=True), count_parameters(model.dit),
-            count_parameters(model.vae))
+    return (
+        count_parameters(model),
+        count_parameters(model, trainable_only=True),
+        count_parameters(model.dit),
+        count_parameters(model.vae),
+    )
 
 
 def main() -> None:
@@ -33,8 +37,10 @@ def main() -> None:
     rows.append(("DiT-tiny/2 + tiny VAE (tests)", "DiT-tiny/2", "tiny", 2))
     for name, preset, vae, k in rows:
         total, trainable, dit, vae_count = counts(preset, vae, k)
-        print(f"| {name} | {k} | {total / 1e6:.1f} M | {trainable / 1e6:.1f} M | {dit / 1e6:.1f} M | "
-              f"{vae_count / 1e6:.1f} M |")
+        print(
+            f"| {name} | {k} | {total / 1e6:.1f} M | {trainable / 1e6:.1f} M | {dit / 1e6:.1f} M | "
+            f"{vae_count / 1e6:.1f} M |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from delinea.labels import FOREGROUND, ORGAN_IDS, TOTALSEG_CT, TOTALSEG_MR, map_labels  # noqa: E402
+from delinea.datamodules.utils import LabelSpec
+from delinea.labels import FOREGROUND, ORGAN_IDS, TOTALSEG_CT, TOTALSEG_MR
 
 VERSION = "2.18.0"
 PIP_COMMAND = f"pip download --no-deps --no-binary :all: totalsegmentator=={VERSION} -d /tmp/ts"
@@ -135,7 +136,7 @@ def main() -> None:
                 f"{image.affine}\n{label.affine}"
             )
         source_ids = np.asanyarray(label.dataobj)
-        mapped = map_labels(source_ids, table)
+        mapped = LabelSpec(table).map(source_ids, label_name)  # ids outside the table become background
 
         # Image: MR verbatim; CT cast to int16 when lossless, otherwise kept in its own dtype.
         image_out = args.out / "images" / f"{case}.nii.gz"
@@ -152,7 +153,9 @@ def main() -> None:
 
         header = label.header.copy()
         header.set_data_dtype(np.uint8)
-        write_nifti(nib.Nifti1Image(mapped.astype(np.uint8), label.affine, header), args.out / "labels" / f"{case}.nii.gz")
+        write_nifti(
+            nib.Nifti1Image(mapped.astype(np.uint8), label.affine, header), args.out / "labels" / f"{case}.nii.gz"
+        )
 
         unified = counts(mapped)
         manifest["cases"][case] = {
@@ -166,7 +169,9 @@ def main() -> None:
                 label_name: hashlib.sha256(label_bytes).hexdigest(),
             },
             "totalsegmentator_task": task,
-            "label_map": {maps[task][s]: {"source_id": s, "unified_id": u} for s, u in sorted(table.items(), key=lambda x: x[1])},
+            "label_map": {
+                maps[task][s]: {"source_id": s, "unified_id": u} for s, u in sorted(table.items(), key=lambda x: x[1])
+            },
             "shape": list(image.shape),
             "spacing": [float(z) for z in image.header.get_zooms()[:3]],
             "axcodes": "".join(nib.aff2axcodes(image.affine)),

@@ -1,4 +1,5 @@
-"""The demo end to end in smoke mode: every stage through the CLI, summary.json in the documented shape."""
+"""The demo protocol (its data never mixes training with the held-out slab or the MR), its backbone measurements,
+the shipped weights, and the whole demo in smoke mode through the CLI."""
 
 from __future__ import annotations
 
@@ -7,39 +8,109 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+import torch
 
-from delinea.demo import main, prepare
-from delinea.labels import FOREGROUND
+from delinea.demo.protocol import CT_HELD_OUT, SAMPLE, WEIGHTS, codec_ceiling, held_out_ct, prepare
+from delinea.demo.run import main
+from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, mask_to_rgb
+from delinea.models.dit import load_dit
+from delinea.models.vae import MaskVAE, load_vae
 
-SAMPLE = Path(__file__).resolve().parents[1] / "delinea" / "sample"
+
+def _world_z(folder: Path) -> set[float]:
+    """World z (mm) of every axial slice of the images in ``folder``."""
+    out = set()
+    for path in (folder / "images").glob("*.nii.gz"):
+        image = nib.load(path)
+        out |= {round(float((image.affine @ [0, 0, k, 1])[2]), 3) for k in range(image.shape[2])}
+    return out
 
 
-def test_prepare_cuts_disjoint_slabs_with_their_geometry(tmp_path: Path) -> None:
+def test_training_data_never_holds_the_held_out_slab_or_the_mr(tmp_path: Path) -> None:
     folders = prepare(tmp_path / "data")
-    ct = nib.as_closest_canonical(nib.load(SAMPLE / "labels" / "ct.nii.gz"))
-    slab = nib.load(folders["ct_heldout"] / "labels" / "ct_slab.nii.gz")
-    assert slab.shape == (*ct.shape[:2], 10)
-    assert np.array_equal(np.asarray(slab.dataobj), np.asarray(ct.dataobj)[:, :, 86:96])
-    # the slab's first voxel sits where voxel z=86 of the full scan sits
-    assert np.allclose(slab.affine @ [0, 0, 0, 1], ct.affine @ [0, 0, 86, 1])
-    train_depth = sum(nib.load(p).shape[2] for p in (folders["ct_train"] / "labels").iterdir())
-    assert train_depth == (111 - 61 + 1) - 10
-    mr = [nib.load(p).shape[2] for p in (folders["mr_fewshot_train"] / "labels").iterdir()]
-    mr += [nib.load(p).shape[2] for p in (folders["mr_fewshot_test"] / "labels").iterdir()]
-    assert mr == [10, 10]
+    train, held_out = _world_z(folders["ct_train"]), _world_z(folders["ct_heldout"])
+    assert len(held_out) == 10 and not train & held_out
+    ct = nib.as_closest_canonical(nib.load(SAMPLE / "images" / "ct.nii.gz"))
+    assert held_out == {round(float((ct.affine @ [0, 0, k, 1])[2]), 3) for k in range(86, 96)}
+    assert all("ct" in p.name for p in (folders["ct_train"] / "images").iterdir())  # no MR in CT training
+    slab = np.asarray(nib.load(folders["ct_heldout"] / "labels" / "ct_slab.nii.gz").dataobj)
+    assert set(np.unique(slab)) == set(range(NUM_CLASSES))  # all eight organs in the held-out slab
+    upper, lower = _world_z(folders["mr_fewshot_train"]), _world_z(folders["mr_fewshot_test"])
+    assert len(upper) == len(lower) == 10 and not upper & lower
+
+
+class PerfectCodec(torch.nn.Module):
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask_to_rgb(mask)
+
+    def decode_rgb(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent
+
+
+class SwapCodec(PerfectCodec):
+    """Decodes kidney_left (3) as kidney_right (4)."""
+
+    def decode_rgb(self, latent: torch.Tensor) -> torch.Tensor:
+        left = (latent - mask_to_rgb(torch.full(latent.shape[:1] + latent.shape[2:], 3))).abs().sum(1) == 0
+        return torch.where(left[:, None], mask_to_rgb(torch.full(latent.shape[:1] + latent.shape[2:], 4)), latent)
+
+
+def test_codec_ceiling_hand_computed() -> None:
+    masks = torch.zeros(2, 4, 4, dtype=torch.long)
+    masks[0, :2, :2] = 1  # aorta: 4 px in slice 0 ...
+    masks[1, 0, :2] = 1  # ... and 2 px in slice 1 (pooled in 3D)
+    masks[0, 3, :2] = 3  # kidney_left, 2 px
+    masks[1, 3, 2:] = 4  # kidney_right, 2 px
+    perfect = codec_ceiling(PerfectCodec(), masks)
+    assert perfect["mDSC"] == 1.0
+    assert [k for k, v in perfect["organs"].items() if v is not None] == ["aorta", "kidney_left", "kidney_right"]
+    swapped = codec_ceiling(SwapCodec(), masks)
+    assert swapped["organs"]["aorta"] == 1.0
+    assert swapped["organs"]["kidney_left"] == 0.0  # predicted nowhere
+    assert swapped["organs"]["kidney_right"] == pytest.approx(2 * 2 / (4 + 2))
+    assert swapped["organs"]["liver"] is None
+    assert swapped["mDSC"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+def test_shipped_weights_keep_the_held_out_masks() -> None:
+    quality = json.loads((WEIGHTS / "quality.json").read_text())
+    measured = quality["codec_ceiling"]["ct_held_out_slab"]["mDSC"]
+    vae = MaskVAE(load_vae(WEIGHTS / "vae"), NUM_CLASSES).eval()
+    dit = load_dit(WEIGHTS / "dit")
+    assert vae.downsampling == 4 and dit.config.in_channels == vae.latent_channels
+    assert dit.config.sample_size == 128 // vae.downsampling
+    assert dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 2  # null = 1
+    images, slab = held_out_ct()
+    assert images.shape == (10, 1, 128, 128) and slab.shape == (10, 128, 128)
+    ceiling = codec_ceiling(vae, slab)
+    assert ceiling["mDSC"] >= measured - 0.01
+    assert set(ceiling["organs"]) == set(ORGANS[1:])
+    for file in WEIGHTS.rglob("*.safetensors"):
+        assert file.stat().st_size < 4_000_000, file
+    assert CT_HELD_OUT == (86, 95)
 
 
 def test_smoke_demo_writes_summary(tmp_path: Path) -> None:
     summary = main(["--smoke", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["tests"].keys() == summary["tests"].keys() == {
-        "ct_heldout", "ct_heldout_noimage", "mr_zeroshot", "mr_fewshot", "unet_ct_heldout", "unet_mr_zeroshot",
-        "unet_mr_fewshot"}
+    assert (
+        written["tests"].keys()
+        == summary["tests"].keys()
+        == {
+            "ct_heldout",
+            "ct_heldout_noimage",
+            "mr_zeroshot",
+            "mr_fewshot",
+            "unet_ct_heldout",
+            "unet_mr_zeroshot",
+            "unet_mr_fewshot",
+        }
+    )
     for name, test in written["tests"].items():
         assert test["model"] == ("unet" if name.startswith("unet") else "meddelinea")
         assert set(test["organs"]) == set(FOREGROUND)
         assert 0 <= test["mDSC"] <= 1 and test["mHD95"] > 0
-    assert written["stages"].keys() >= {"prepare", "meddelinea_ct_training", "meddelinea_mr_fewshot", "unet_baseline"}
     assert written["stages"]["meddelinea_ct_training"]["seconds"] > 0
     assert (tmp_path / "meddelinea_mr_fewshot.ckpt").is_file()
     predicted = nib.load(tmp_path / "predictions" / "meddelinea_mr" / "mr_seg.nii.gz")

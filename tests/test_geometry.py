@@ -32,13 +32,16 @@ SAMPLE = ROOT / "delinea" / "sample"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def finer_and_wider(image: nib.Nifti1Image, spacing: float, pad_mm: tuple[float, float], fill: float) -> nib.Nifti1Image:
+def finer_and_wider(
+    image: nib.Nifti1Image, spacing: float, pad_mm: tuple[float, float], fill: float
+) -> nib.Nifti1Image:
     """``image`` resampled in-plane to ``spacing`` mm with nibabel (linear), then padded with ``fill`` by
     ``pad_mm`` (before, after) on both in-plane axes: another scanner's grid and field of view of one subject."""
     fine = resample_to_output(image, voxel_sizes=(spacing, spacing, image.header.get_zooms()[2]), order=3, cval=fill)
     before, after = (round(mm / spacing) for mm in pad_mm)
-    array = np.pad(np.asarray(fine.dataobj, dtype=np.float32), ((before, after), (before, after), (0, 0)),
-                   constant_values=fill)
+    array = np.pad(
+        np.asarray(fine.dataobj, dtype=np.float32), ((before, after), (before, after), (0, 0)), constant_values=fill
+    )
     affine = fine.affine.copy()
     affine[:3, 3] -= affine[:3, :3] @ np.array([before, before, 0])
     return nib.Nifti1Image(np.round(array).astype(np.int16), affine)
@@ -117,8 +120,16 @@ def test_non_square_fields_of_view_are_not_stretched(tmp_path: Path) -> None:
         (tmp_path / kind).mkdir()
         nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / kind / "wide.nii.gz")
     for margin, size in ((None, (41, 21)), (10.0, (23, 23))):
-        dm = FolderDataModule(root=str(tmp_path), modality="ct", split="all", resolution=32, spacing=2.0,
-                              foreground_share=1.0, body_margin=margin, split_file=str(tmp_path / "split.json"))
+        dm = FolderDataModule(
+            root=str(tmp_path),
+            modality="ct",
+            split="all",
+            resolution=32,
+            spacing=2.0,
+            foreground_share=1.0,
+            body_margin=margin,
+            split_file=str(tmp_path / "split.json"),
+        )
         whole = dm.dataset("val")[1]
         assert whole["image"].shape == (1, *size)
         assert whole["box"].tolist() == ([0, 80, 0, 40] if margin is None else [26, 72, 0, 40])
@@ -143,18 +154,68 @@ def ct_slab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fit_unet(root: Path, run: Path, extra: list[str] = ()) -> Path:
-    main(["fit", "--model", "UNetTask", "--model.channels", "[16, 32, 64, 128]", "--model.num_res_units", "1",
-          "--model.lr", "1e-2", "--data", "folder", "--data.root", str(root), "--data.modality", "ct",
-          "--data.split", "all", "--data.split_file", str(run / "split.json"), "--data.resolution", "128",
-          "--data.batch_size", "8", "--trainer.max_steps", "400", "--trainer.limit_val_batches", "0",
-          "--trainer.default_root_dir", str(run), "--trainer.logger", "false", *extra, *QUIET])
+    main(
+        [
+            "fit",
+            "--model",
+            "UNetTask",
+            "--model.channels",
+            "[16, 32, 64, 128]",
+            "--model.num_res_units",
+            "1",
+            "--model.lr",
+            "1e-2",
+            "--data",
+            "folder",
+            "--data.root",
+            str(root),
+            "--data.modality",
+            "ct",
+            "--data.split",
+            "all",
+            "--data.split_file",
+            str(run / "split.json"),
+            "--data.resolution",
+            "128",
+            "--data.batch_size",
+            "8",
+            "--trainer.max_steps",
+            "400",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.logger",
+            "false",
+            *extra,
+            *QUIET,
+        ]
+    )
     return next(run.rglob("*.ckpt"))
 
 
 def _predict(checkpoint: Path, scan: Path, out: Path, extra: list[str] = ()) -> nib.Nifti1Image:
-    main(["predict", "--ckpt", str(checkpoint), "--data", "scan", "--data.path", str(scan), "--data.modality", "ct",
-          "--output", str(out), "--trainer.logger", "false", "--trainer.default_root_dir", str(out.parent / f"run_{out.name}"),
-          *extra, *QUIET])
+    main(
+        [
+            "predict",
+            "--ckpt",
+            str(checkpoint),
+            "--data",
+            "scan",
+            "--data.path",
+            str(scan),
+            "--data.modality",
+            "ct",
+            "--output",
+            str(out),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(out.parent / f"run_{out.name}"),
+            *extra,
+            *QUIET,
+        ]
+    )
     return nib.load(out / (scan.name.removesuffix(".nii.gz") + "_seg.nii.gz"))
 
 
@@ -201,12 +262,15 @@ def test_a_later_stage_reads_the_plan_file_and_explicit_spacing_wins(ct_slab: Pa
         (["--data.spacing", "0"], "spacing 0.0 must be a positive number of mm per pixel"),
         (["--data.spacing", "-1.5"], "spacing -1.5 must be a positive number of mm per pixel"),
         (["--data.spacing", "25"], "spacing 25.0 mm per pixel is absurd for a scan (expected at most 20 mm)"),
-        (["--data.resolution", "8", "--model.channels", "[4, 8, 16, 32, 64]"],
-         "plan window 8 px is not a multiple of 16, the smallest size step UNetTask can take"),
+        (
+            ["--data.resolution", "8", "--model.channels", "[4, 8, 16, 32, 64]"],
+            "plan window 8 px is not a multiple of 16, the smallest size step UNetTask can take",
+        ),
     ],
 )
-def test_bad_geometry_is_one_line(argv: list[str], message: str, ct_slab: Path, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_geometry_is_one_line(
+    argv: list[str], message: str, ct_slab: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _fit_unet(ct_slab, tmp_path / "run", ["--trainer.max_steps", "1", *argv])
     assert exit_info.value.code == 2
@@ -214,13 +278,18 @@ def test_bad_geometry_is_one_line(argv: list[str], message: str, ct_slab: Path, 
     assert message in err[-1] and not any("Traceback" in line for line in err)
 
 
-def test_a_plan_that_disagrees_with_the_checkpoint_is_refused(ct_slab: Path, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_plan_that_disagrees_with_the_checkpoint_is_refused(
+    ct_slab: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoint = _fit_unet(ct_slab, tmp_path / "run", ["--trainer.max_steps", "1"])
     Plan({"ct": 1.0}, (128,)).save(tmp_path / "other.plan.json")
     scan = ct_slab / "images" / "ct.nii.gz"
-    for i, (extra, named) in enumerate(((["--data.plan_file", str(tmp_path / "other.plan.json")], "other.plan.json"),
-                                        (["--data.spacing", "1.0"], "spacing=1.0"))):
+    for i, (extra, named) in enumerate(
+        (
+            (["--data.plan_file", str(tmp_path / "other.plan.json")], "other.plan.json"),
+            (["--data.spacing", "1.0"], "spacing=1.0"),
+        )
+    ):
         with pytest.raises(SystemExit) as exit_info:
             _predict(checkpoint, scan, tmp_path / f"out{i}", extra)
         assert exit_info.value.code == 2

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from delinea.datamodules.synthetic import ORIENTATIONS, make_phantom, write_dicom_series
 from delinea.io import DatasetError, Geometry, read_geometry, read_volume, save_nifti
 from delinea.labels import ORGAN_IDS
+from delinea.testing.phantoms import ORIENTATIONS, make_phantom, write_dicom_series
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -99,7 +99,9 @@ def test_corrupt_missing_and_wrong_type_files(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"notes\.txt: expected a NIfTI file"):
         read_volume(text)
     # A valid header with truncated data fails when the data are read, naming the file.
-    good = _save(np.random.default_rng(0).normal(size=(32, 32, 16)).astype(np.float32), np.eye(4), tmp_path / "t.nii.gz")
+    good = _save(
+        np.random.default_rng(0).normal(size=(32, 32, 16)).astype(np.float32), np.eye(4), tmp_path / "t.nii.gz"
+    )
     raw = gzip.decompress(good.read_bytes())
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(gzip.compress(raw[: len(raw) // 2]))
@@ -147,7 +149,9 @@ def test_save_nifti_refuses_to_overwrite_and_restores_the_input_grid(tmp_path: P
     stored, affine = phantom.stored(phantom.image)
     volume = read_volume(_save(stored, affine, tmp_path / "in.nii.gz"))
     prediction = (volume.values() > 0).astype(np.uint8)  # something computed in canonical space
-    out = save_nifti(volume.geometry.to_original(prediction), volume.geometry.original_affine, tmp_path / "o" / "p.nii.gz")
+    out = save_nifti(
+        volume.geometry.to_original(prediction), volume.geometry.original_affine, tmp_path / "o" / "p.nii.gz"
+    )
     written = nib.load(str(out))
     assert written.shape == stored.shape
     np.testing.assert_allclose(written.affine, affine, atol=1e-5)
@@ -156,7 +160,7 @@ def test_save_nifti_refuses_to_overwrite_and_restores_the_input_grid(tmp_path: P
         save_nifti(prediction, affine, out)
     save_nifti(np.zeros(stored.shape, np.uint8), affine, out, overwrite=True)
     assert np.asanyarray(nib.load(str(out)).dataobj).max() == 0
-    with pytest.raises(ValueError, match="must end in .nii"):
+    with pytest.raises(ValueError, match=r"must end in \.nii"):
         save_nifti(prediction, affine, tmp_path / "p.png")
 
 

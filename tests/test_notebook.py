@@ -24,11 +24,11 @@ from nbclient.exceptions import CellExecutionError
 from torch.utils.data import DataLoader
 
 from delinea.datamodules import Plan
-from delinea.demo import main as demo
+from delinea.demo.run import main as demo
 from delinea.labels import FOREGROUND
 from delinea.models import build_dit, build_vae, save_dit, save_vae
 from delinea.tasks import MedDelineaTask
-from synthetic_slices import SliceDataset
+from delinea.testing.slices import SyntheticSlices
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -42,13 +42,19 @@ def execute(tmp_path: Path, checkpoint: Path | str, output: Path) -> nbformat.No
     # A private kernelspec: a "python3" installed for the user elsewhere could run another interpreter.
     spec = tmp_path / "kernels" / "delinea-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "delinea test", "language": "python",
-        "env": {"DELINEA_CHECKPOINT": str(checkpoint), "DELINEA_QUICKSTART_OUTPUT": str(output)},
-    }))
-    km = KernelManager(kernel_name="delinea-test",
-                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "delinea test",
+                "language": "python",
+                "env": {"DELINEA_CHECKPOINT": str(checkpoint), "DELINEA_QUICKSTART_OUTPUT": str(output)},
+            }
+        )
+    )
+    km = KernelManager(
+        kernel_name="delinea-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)])
+    )
     NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     return nb
 
@@ -91,21 +97,35 @@ def test_notebook_runs_on_a_checkpoint_with_backbone_files(tmp_path: Path) -> No
     torch.manual_seed(0)
     save_dit(build_dit("DiT-tiny/2", sample_size=16), tmp_path / "dit")
     save_vae(build_vae("tiny"), tmp_path / "vae")
-    config = {"dit": str(tmp_path / "dit"), "vae": str(tmp_path / "vae"), "image_size": 32, "control_blocks": 2,
-              "sampling_steps": 2}
+    config = {
+        "dit": str(tmp_path / "dit"),
+        "vae": str(tmp_path / "vae"),
+        "image_size": 32,
+        "control_blocks": 2,
+        "sampling_steps": 2,
+    }
 
     def fit(task: MedDelineaTask, path: Path) -> Path:
-        run = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-        run.fit(task, DataLoader(SliceDataset(4, 32, 0), batch_size=4))
+        run = pl.Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        run.fit(task, DataLoader(SyntheticSlices(4, 32, 0), batch_size=4))
         task.set_plan(Plan({"ct": 12.0}, (32,)))  # what a datamodule would have set: 12 mm windows of 32 px
         run.save_checkpoint(path)
         return path
 
     # Like the demo's few-shot checkpoint: fine-tuned from another one, with a latent cache (both gone now).
     pretrained = fit(MedDelineaTask(**config), tmp_path / "pretrained.ckpt")
-    checkpoint = fit(MedDelineaTask(**config, init_from=str(pretrained), latent_cache=str(tmp_path / "cache")),
-                     tmp_path / "fewshot.ckpt")
+    checkpoint = fit(
+        MedDelineaTask(**config, init_from=str(pretrained), latent_cache=str(tmp_path / "cache")),
+        tmp_path / "fewshot.ckpt",
+    )
     pretrained.unlink()
 
     nb = execute(tmp_path, checkpoint, tmp_path / "out")

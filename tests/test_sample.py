@@ -46,11 +46,17 @@ def test_geometry_matches_manifest(case):
     assert label.get_data_dtype() == np.uint8
 
 
-def test_expected_geometry():
-    ct, mr = MANIFEST["cases"]["ct"], MANIFEST["cases"]["mr"]
-    assert ct["shape"] == [122, 101, 112] and ct["spacing"] == [3.0, 3.0, 3.0] and ct["axcodes"] == "RAS"
-    assert mr["shape"] == [117, 91, 20] and mr["spacing"] == [3.0, 3.0, 3.0] and mr["axcodes"] == "LPS"
-    assert ct["image_dtype"] == "int16"
+def test_the_demo_protocol_fits_the_sample():
+    """The demo's fixed slabs lie where the CT's organs are: its organ slices are exactly CT_ORGANS, and the
+    held-out slab inside them holds all eight organs."""
+    from delinea.demo.protocol import CT_HELD_OUT, CT_ORGANS
+
+    label = np.asanyarray(nib.as_closest_canonical(nib.load(SAMPLE / "labels" / "ct.nii.gz")).dataobj)
+    with_organs = np.flatnonzero(label.any(axis=(0, 1)))
+    assert (with_organs.min(), with_organs.max()) == CT_ORGANS
+    assert len(with_organs) == MANIFEST["cases"]["ct"]["slices_with_organs"]
+    slab = label[:, :, CT_HELD_OUT[0] : CT_HELD_OUT[1] + 1]
+    assert set(np.unique(slab)) == set(range(NUM_CLASSES))
 
 
 def test_label_ids_and_counts(case):

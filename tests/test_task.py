@@ -10,20 +10,29 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from delinea.models import save_dit, save_vae
+from delinea.models import save_dit
 from delinea.tasks import MedDelineaTask
-from synthetic_slices import SliceDataset, make_batch
+from delinea.testing.backbones import write_backbones
+from delinea.testing.slices import SyntheticSlices, make_batch
 
 TINY = {"dit": "DiT-tiny/2", "vae": "tiny", "image_size": 32, "control_blocks": 2}
 
 
 def trainer(tmp_path: Path, steps: int, **kwargs) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
 
 
 def loader(n: int = 8, seed: int = 0) -> DataLoader:
-    return DataLoader(SliceDataset(n, 32, seed), batch_size=4)
+    return DataLoader(SyntheticSlices(n, 32, seed), batch_size=4)
 
 
 class EvalModeProbe(pl.Callback):
@@ -46,7 +55,8 @@ def test_exactly_the_trainable_parameters_change(tmp_path: Path) -> None:
     probe = EvalModeProbe()
     # Validation runs in between, so Lightning's train/eval switching is exercised too.
     trainer(tmp_path, 4, callbacks=[probe], val_check_interval=2, num_sanity_val_steps=1).fit(
-        task, loader(), loader(4, 1))
+        task, loader(), loader(4, 1)
+    )
     after = task.state_dict()
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.control.", "model.vae.head.")) for n in trainable)
@@ -75,8 +85,11 @@ def _decoded_dice(task: MedDelineaTask, batch: dict, organ: int) -> float:
         image_latent = task.model.vae.encode(batch["image"])
         mask_latent = task.model.vae.encode_mask(batch["mask"])
         t = torch.full((len(image_latent),), 50)
-        noisy = task.model.add_noise(mask_latent, torch.randn(mask_latent.shape, generator=torch.Generator().manual_seed(0)), t)
-        latent0 = task.model.tweedie(noisy, task.model.predict_noise(noisy, t, image_latent), t)
+        schedule = task.model.schedule
+        noisy = schedule.add_noise(
+            mask_latent, torch.randn(mask_latent.shape, generator=torch.Generator().manual_seed(0)), t
+        )
+        latent0 = schedule.tweedie(noisy, task.model.predict_noise(noisy, t, image_latent), t)
         pred = task.model.vae.decode_logits(latent0).argmax(1) == organ
     truth = batch["mask"] == organ
     return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
@@ -102,16 +115,7 @@ def test_short_run_lowers_loss_and_raises_dice() -> None:
 
 
 def _backbone_files(tmp_path: Path) -> dict:
-    from delinea.models import build_dit, build_vae
-
-    torch.manual_seed(3)
-    dit = build_dit("DiT-tiny/2", sample_size=16)
-    with torch.no_grad():  # like a pretrained DiT: no zero adaLN gates, so every block weight gets gradient
-        for p in dit.parameters():
-            p.normal_(0, 0.05)
-    save_dit(dit, tmp_path / "dit")
-    save_vae(build_vae("tiny"), tmp_path / "vae")
-    return {**TINY, "dit": str(tmp_path / "dit"), "vae": str(tmp_path / "vae")}
+    return {**TINY, **write_backbones(tmp_path)}
 
 
 def test_checkpoint_leaves_out_frozen_weights_loaded_from_files(tmp_path: Path) -> None:
@@ -127,8 +131,9 @@ def test_checkpoint_leaves_out_frozen_weights_loaded_from_files(tmp_path: Path) 
     for key, value in task.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
     # Other backbones behind the same path: refused, not silently mixed.
-    save_dit(__import__("delinea.models", fromlist=["build_dit"]).build_dit("DiT-tiny/2", sample_size=16),
-             tmp_path / "dit")
+    save_dit(
+        __import__("delinea.models", fromlist=["build_dit"]).build_dit("DiT-tiny/2", sample_size=16), tmp_path / "dit"
+    )
     with pytest.raises(ValueError, match="other frozen backbones"):
         MedDelineaTask.load_from_checkpoint(tmp_path / "lean.ckpt")
 
@@ -157,9 +162,10 @@ def test_init_from_copies_control_branch_and_head(tmp_path: Path) -> None:
             assert torch.allclose(finetune.state_dict()[key], value, atol=1e-6), key
     assert not torch.equal(fresh_linear, finetune.model.control.zero_linears[0].weight)
     with pytest.raises(ValueError, match="does not fit this model"):
-        trainer(tmp_path, 1).fit(MedDelineaTask(**{**config, "control_blocks": 3},
-                                                init_from=str(tmp_path / "pretrained.ckpt")), loader(4))
-    with pytest.raises(FileNotFoundError, match="init_from='missing.ckpt'"):
+        trainer(tmp_path, 1).fit(
+            MedDelineaTask(**{**config, "control_blocks": 3}, init_from=str(tmp_path / "pretrained.ckpt")), loader(4)
+        )
+    with pytest.raises(FileNotFoundError, match=r"init_from='missing\.ckpt'"):
         trainer(tmp_path, 1).fit(MedDelineaTask(**config, init_from="missing.ckpt"), loader(4))
     # Its own checkpoint loads for testing even once the init_from file is gone
     run = trainer(tmp_path, 1)
@@ -227,11 +233,13 @@ def test_schedule_decays_over_steps_or_max_time_whichever_ends_first() -> None:
     elapsed["s"] = 100.0
     assert factor(10) == pytest.approx(0.0)
     # anneal_seconds overrides the Trainer's max_time; without either only steps count
-    assert adamw_with_schedule(task, anneal_seconds=200)["lr_scheduler"]["scheduler"].lr_lambdas[0](0) == \
-        pytest.approx(0.5)
+    assert adamw_with_schedule(task, anneal_seconds=200)["lr_scheduler"]["scheduler"].lr_lambdas[0](0) == pytest.approx(
+        0.5
+    )
     task._trainer = SimpleNamespace(estimated_stepping_batches=1000, callbacks=[])
-    assert adamw_with_schedule(task)["lr_scheduler"]["scheduler"].lr_lambdas[0](250) == \
-        pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert adamw_with_schedule(task)["lr_scheduler"]["scheduler"].lr_lambdas[0](250) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.25))
+    )
 
 
 def test_moving_average_is_kept_out_of_the_optimiser() -> None:
@@ -242,15 +250,15 @@ def test_moving_average_is_kept_out_of_the_optimiser() -> None:
 
 
 def test_training_timesteps_follow_the_requested_density() -> None:
-    from delinea.tasks.meddelinea import training_timesteps
+    from delinea.models.diffusion import NoiseSchedule
 
+    timesteps = NoiseSchedule().timesteps
     generator = torch.Generator().manual_seed(0)
     for bias, mean in [(0.0, 499.5), (1.0, 1000 * 2 / 3), (2.0, 1000 * 3 / 4)]:  # E[t] = 1000 (b+1)/(b+2)
-        t = training_timesteps(200_000, bias, torch.device("cpu"), generator)
+        t = timesteps(200_000, bias, "cpu", generator)
         assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
         assert t.float().mean().item() == pytest.approx(mean, abs=3)
     # bias 1: density ∝ t, so P(t < 500) = 1/4
-    assert (training_timesteps(200_000, 1.0, torch.device("cpu"), generator) < 500).float().mean().item() == \
-        pytest.approx(0.25, abs=0.01)
+    assert (timesteps(200_000, 1.0, "cpu", generator) < 500).float().mean().item() == pytest.approx(0.25, abs=0.01)
     with pytest.raises(ValueError, match="timestep_bias"):
         MedDelineaTask(**TINY, timestep_bias=-1)

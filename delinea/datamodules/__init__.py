@@ -10,9 +10,9 @@ from delinea.datamodules.btcv import BTCVDataModule
 from delinea.datamodules.cirrmri600 import CirrMRI600DataModule
 from delinea.datamodules.folder import FolderDataModule
 from delinea.datamodules.panseg import PanSegDataModule
+from delinea.datamodules.plan import Plan
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.scan import ScanDataModule
-from delinea.datamodules.plan import Plan
 from delinea.io import DatasetError
 
 #: CLI names -> datamodule classes.

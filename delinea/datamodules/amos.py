@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from delinea.datamodules.base import LabelledDataModule, nifti_files, pair_by_id
 from delinea.datamodules.utils import CaseFiles, LabelSpec
+from delinea.errors import DatasetError, OptionError
 from delinea.labels import AMOS
 
 # 0 background, 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 esophagus, 6 liver, 7 stomach,
@@ -20,7 +21,7 @@ def amos_modality(case_id: str) -> str:
     """``'ct'`` for AMOS ids up to 500, ``'mr'`` above (the official readme's rule)."""
     match = re.search(r"(\d+)$", case_id)
     if match is None:
-        raise ValueError(f"AMOS case id {case_id!r} does not end in a number")
+        raise DatasetError(f"AMOS case id {case_id!r} does not end in a number")
     return "ct" if int(match.group(1)) <= CT_MAX_ID else "mr"
 
 
@@ -41,7 +42,7 @@ class AMOSDataModule(LabelledDataModule):
 
     def __init__(self, root: str | None = None, modality: Literal["ct", "mr", "both"] = "both", **kwargs: Any) -> None:
         if modality not in ("ct", "mr", "both"):
-            raise ValueError(f"amos: modality must be 'ct', 'mr' or 'both', got {modality!r}")
+            raise OptionError(f"amos: modality must be 'ct', 'mr' or 'both', got {modality!r}")
         self.modality = modality
         super().__init__(root, **kwargs)
 
@@ -59,8 +60,8 @@ class AMOSDataModule(LabelledDataModule):
             pairs = pair_by_id(
                 nifti_files(image_dir, strip="_0000"),
                 nifti_files(label_dir),
-                lambda c, d=image_dir: d / f"{c}.nii.gz",
-                lambda c, d=label_dir: d / f"{c}.nii.gz",
+                image_dir,
+                label_dir,
             )
             cases += [CaseFiles(c, image, label, modality=amos_modality(c)) for c, image, label in pairs]
         return cases

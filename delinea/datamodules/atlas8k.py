@@ -7,6 +7,7 @@ from typing import Any
 
 from delinea.datamodules.base import LabelledDataModule
 from delinea.datamodules.utils import CaseFiles, LabelSpec
+from delinea.io import DatasetError
 from delinea.labels import ATLAS8K, ATLAS8K_FILES
 
 # combined_labels ids: 1.0 has 1..9 (7 postcava), 1.1 adds 10..25; all but the 8 organs map to background.
@@ -14,11 +15,15 @@ SPEC = LabelSpec(ATLAS8K, known=frozenset(range(26)))
 
 
 def _first(folder: Path, stem: str) -> Path:
-    """``<stem>.nii.gz`` or ``<stem>.nii`` in ``folder``, whichever exists (the former if neither)."""
-    for suffix in (".nii.gz", ".nii"):
-        if (folder / f"{stem}{suffix}").exists():
-            return folder / f"{stem}{suffix}"
-    return folder / f"{stem}.nii.gz"
+    """``<stem>.nii.gz`` or ``<stem>.nii`` in ``folder``, whichever exists (the former if neither).
+
+    Raises:
+        DatasetError: both exist; which one is meant cannot be guessed.
+    """
+    found = [folder / f"{stem}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{stem}{suffix}").exists()]
+    if len(found) > 1:
+        raise DatasetError(f"{folder}: {found[0].name} and {found[1].name} are both {stem!r}; remove one")
+    return found[0] if found else folder / f"{stem}.nii.gz"
 
 
 class Atlas8kDataModule(LabelledDataModule):

@@ -9,6 +9,8 @@ Batch contract (train, val, test; predict carries ``image``, ``case_id``, ``slic
     case_id      list[str]
     slice_index  int64   (B,)          axial index k in the canonical volume
     cache_key    list[str]             SHA-1 naming the served tensor; "" when augmented (never cache)
+    seed         int64   (B,)          the sample's draw (crop, augmentation); a task's training noise derives
+                                       from it, so a resumed run draws the same; 0 at evaluation
 
 Slice ``k`` is ``canonical[:, :, k]`` of the RAS+ volume (H along x = towards patient right, W along
 y = anterior), resampled in-plane to the plan's spacing (:mod:`delinea.datamodules.plan`). Training batches
@@ -25,10 +27,10 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader
 from delinea.datamodules.dataset import SliceDataset
 from delinea.datamodules.index import CaseIndex
 from delinea.datamodules.plan import Plan, check_spacing, check_windows
-from delinea.datamodules.samplers import SliceBatchSampler
+from delinea.datamodules.samplers import ResumableLoader, SliceBatchSampler
 from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
 from delinea.datamodules.utils import (
     CaseFiles,
@@ -48,6 +50,7 @@ from delinea.datamodules.utils import (
     load_case_files,
     read_label,
 )
+from delinea.errors import OptionError
 from delinea.io import DatasetError, Geometry, is_nifti, nifti_stem, read_geometry
 from delinea.labels import NUM_CLASSES
 
@@ -107,6 +110,8 @@ class MedSegDataModule(LightningDataModule, ABC):
 
     #: Short dataset name (the CLI name and part of split file names and cache keys).
     name: ClassVar[str] = ""
+    #: NaN or infinite image voxels: refused in training and evaluation data (``replace``: scans to predict).
+    nonfinite: ClassVar[Literal["refuse", "replace"]] = "refuse"
 
     def __init__(
         self,
@@ -125,19 +130,19 @@ class MedSegDataModule(LightningDataModule, ABC):
         super().__init__()
         self.resolutions = None if resolution is None else list(check_windows(resolution, "resolution"))
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+            raise OptionError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if len(window) != 2 or not window[0] < window[1]:
-            raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
+            raise OptionError(f"window must be (low, high) with low < high, got {window!r}")
         if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
-            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}")
+            raise OptionError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}")
         if cache_cases < 1:
-            raise ValueError(f"cache_cases must be at least 1, got {cache_cases}")
+            raise OptionError(f"cache_cases must be at least 1, got {cache_cases}")
         if not 0 <= foreground_share <= 1:
-            raise ValueError(f"foreground_share must be in [0, 1], got {foreground_share}")
+            raise OptionError(f"foreground_share must be in [0, 1], got {foreground_share}")
         if body_margin is not None and not 0 <= body_margin < 1000:
-            raise ValueError(f"body_margin must be a non-negative number of mm or None, got {body_margin}")
+            raise OptionError(f"body_margin must be a non-negative number of mm or None, got {body_margin}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
@@ -185,7 +190,9 @@ class MedSegDataModule(LightningDataModule, ABC):
 
     def _case_files(self, case_id: str) -> CaseFiles:
         if case_id not in self.files:
-            raise KeyError(f"{self.name}: no case {case_id!r} (have {len(self.files)} cases, e.g. {list(self.files)[:5]})")
+            raise KeyError(
+                f"{self.name}: no case {case_id!r} (have {len(self.files)} cases, e.g. {list(self.files)[:5]})"
+            )
         return self.files[case_id]
 
     def load_case(self, case_id: str) -> Case:
@@ -197,7 +204,9 @@ class MedSegDataModule(LightningDataModule, ABC):
         """
         files = self._case_files(case_id)
         check_case(files, needs_label=False, atol=self.affine_tolerance)
-        loaded = load_case_files(files, self.label_spec, self.intensity, self._ignore_unknown, self.affine_tolerance)
+        loaded = load_case_files(
+            files, self.label_spec, self.intensity, self._ignore_unknown, self.affine_tolerance, self.nonfinite
+        )
         geometry = loaded.volume.geometry
         return Case(
             case_id=case_id,
@@ -236,7 +245,9 @@ class MedSegDataModule(LightningDataModule, ABC):
 
     def load_image(self, case_id: str) -> np.ndarray:
         """A case's whole canonical image normalised to [-1, 1] (float32, X Y Z), e.g. for overlay figures."""
-        loaded = load_case_files(self._case_files(case_id), None, self.intensity, atol=self.affine_tolerance)
+        loaded = load_case_files(
+            self._case_files(case_id), None, self.intensity, atol=self.affine_tolerance, nonfinite=self.nonfinite
+        )
         return loaded.image(self.intensity)
 
     @property
@@ -278,9 +289,11 @@ class MedSegDataModule(LightningDataModule, ABC):
         return good, (np.concatenate(flags) if flags else np.zeros(0, bool)) if foreground else None
 
     def _inspect(self, files: Sequence[CaseFiles], needs_label: bool, foreground: bool = False) -> dict[str, dict]:
+        # With skip_bad_cases every case is also read whole once (cached in the index), so cases whose data or
+        # labels are bad are left out before training rather than met by the loader.
         return self._index.inspect(
             files, needs_label, self.label_spec, foreground, self.affine_tolerance, self._ignore_unknown,
-            threads=max(1, self.num_workers),
+            threads=max(1, self.num_workers), verify=self._skip_bad, nonfinite=self.nonfinite,
         )  # fmt: skip
 
     @property
@@ -363,8 +376,10 @@ class MedSegDataModule(LightningDataModule, ABC):
                 plan = plan.with_window(self.resolutions) if self.resolutions is not None else plan
             else:
                 if not self._planning_cases():
-                    raise DatasetError(f"{self.name}: no model plan and no training cases to plan a spacing from; "
-                                       "pass spacing=... (mm per pixel) or predict with a checkpoint")
+                    raise DatasetError(
+                        f"{self.name}: no model plan and no training cases to plan a spacing from; "
+                        "pass spacing=... (mm per pixel) or predict with a checkpoint"
+                    )
                 plan = self._computed_plan()
                 if target is not None:
                     plan.save(target)
@@ -404,9 +419,17 @@ class MedSegDataModule(LightningDataModule, ABC):
             cache_cases=self.cache_cases,
             ignore_unknown_labels=self._ignore_unknown,
             affine_tolerance=self.affine_tolerance,
+            nonfinite=self.nonfinite,
+            skip_bad=self._skip_bad,
         )
 
-    def _loader(self, dataset: SliceDataset, train: bool, seed: int = 0, empty_slice_ratio: float | None = None) -> DataLoader:
+    @property
+    def _skip_bad(self) -> bool:
+        return False
+
+    def _loader(
+        self, dataset: SliceDataset, train: bool, seed: int = 0, empty_slice_ratio: float | None = None
+    ) -> DataLoader:
         sampler = SliceBatchSampler(
             None,
             self.batch_size,
@@ -420,7 +443,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             block_cases=self.cache_cases,
             lanes=max(1, self.num_workers),
         )
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
@@ -445,13 +468,9 @@ class LabelledDataModule(MedSegDataModule):
     Args:
         root: dataset folder; if None, ``$DELINEA_<NAME>_ROOT`` (e.g. ``DELINEA_BTCV_ROOT``), else
             ``$DELINEA_DATA/<name>``.
-        resolution: training window size, or a list alternated between training batches (see
-            :class:`MedSegDataModule`).
-        batch_size: slices per batch.
-        num_workers: loader worker processes.
         fraction: share of the training cases used, in (0, 1]; a seeded, nested subset, at least one case.
         seed: seed of the split, the fraction and the training order.
-        augment: random training augmentation (crop, affine, elastic; no left-right flip).
+        augment: random training augmentation (crop, affine, elastic, intensity; no left-right flip).
         empty_slice_ratio: share of training slices without foreground per epoch, in [0, 1); None keeps all.
             Needs one pass over the training labels at setup.
         split_file: JSON split to read, or to write if missing; default under ``$DELINEA_SPLIT_DIR`` or
@@ -461,14 +480,8 @@ class LabelledDataModule(MedSegDataModule):
             ``skipped_cases``) instead of raising.
         ignore_unknown_labels: map label ids outside the dataset's table to background (warned) instead of
             raising.
-        window: CT window in HU.
-        percentiles: MRI percentile window.
-        cache_cases: volumes kept per worker.
-        affine_tolerance: image/label affine tolerance in mm.
-        spacing: in-plane target spacing in mm (see :class:`MedSegDataModule`).
-        plan_file: plan JSON to read or write instead of the one beside the split.
-        foreground_share: share of training windows centred on a labelled pixel.
-        body_margin: margin in mm of the body crop of a new plan, or None for whole slices.
+        **kwargs: slices and loaders (resolution, batch_size, num_workers, spacing, ...): see
+            :class:`MedSegDataModule`.
     """
 
     #: train:val:test ratios of a new split.
@@ -479,9 +492,6 @@ class LabelledDataModule(MedSegDataModule):
     def __init__(
         self,
         root: str | None = None,
-        resolution: int | list[int] | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
         fraction: float = 1.0,
         seed: int = 0,
         augment: bool = False,
@@ -489,21 +499,13 @@ class LabelledDataModule(MedSegDataModule):
         split_file: str | None = None,
         skip_bad_cases: bool = False,
         ignore_unknown_labels: bool = False,
-        window: tuple[float, float] = (-175.0, 250.0),
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        cache_cases: int = 4,
-        affine_tolerance: float = 1e-3,
-        spacing: float | None = None,
-        plan_file: str | None = None,
-        foreground_share: float = 0.33,
-        body_margin: float | None = 10.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, affine_tolerance,
-                         spacing, plan_file, foreground_share, body_margin)
+        super().__init__(**kwargs)
         if not 0 < fraction <= 1:
-            raise ValueError(f"{self.name}: fraction must be in (0, 1], got {fraction}")
+            raise OptionError(f"{self.name}: fraction must be in (0, 1], got {fraction}")
         if empty_slice_ratio is not None and not 0 <= empty_slice_ratio < 1:
-            raise ValueError(f"{self.name}: empty_slice_ratio must be in [0, 1) or None, got {empty_slice_ratio}")
+            raise OptionError(f"{self.name}: empty_slice_ratio must be in [0, 1) or None, got {empty_slice_ratio}")
         self.root = self._resolve_root(root)
         self.fraction = fraction
         self.seed = seed
@@ -542,6 +544,10 @@ class LabelledDataModule(MedSegDataModule):
     def _ignore_unknown(self) -> bool:
         return self.ignore_unknown_labels
 
+    @property
+    def _skip_bad(self) -> bool:
+        return self.skip_bad_cases
+
     def include(self, files: CaseFiles) -> bool:
         """Whether a case takes part (modality or sequence filters); splits are made over all cases."""
         return True
@@ -558,6 +564,15 @@ class LabelledDataModule(MedSegDataModule):
                 raise self._no_cases()
             meta = {"dataset": self.name, "root": self.root_string}
             self._split = load_or_create_split(self.split_file, list(self.files), self.ratios, self.seed, meta)
+            listed = {c for cases in self._split.values() for c in cases}
+            new = sorted(set(self.files) - listed)
+            if new:
+                warnings.warn(
+                    f"{self.name}: {len(new)} case(s) in {self.root} are not in the split file {self.split_file} "
+                    f"(added after it was written?), e.g. {new[:3]}; they are not used. To split again, delete the "
+                    "split file or pass another split_file",
+                    stacklevel=2,
+                )
         return self._split
 
     def _split_ids(self, split: str) -> list[str]:
@@ -643,35 +658,84 @@ class LabelledDataModule(MedSegDataModule):
         return self._cases_of("test")
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, "
-                f"spacing={self.spacing}, fraction={self.fraction}, seed={self.seed})")
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, resolution={self.resolutions}, "
+            f"spacing={self.spacing}, fraction={self.fraction}, seed={self.seed})"
+        )
 
     __str__ = __repr__  # LightningDataModule's __str__ builds every dataloader
+
+
+class SequenceDataModule(LabelledDataModule):
+    """Base of the MR datasets that hold two sequences (T1, T2) as case ids ``t1_<stem>`` / ``t2_<stem>``.
+
+    Args:
+        root: the dataset folder.
+        sequence: ``'t1'``, ``'t2'`` or ``'both'``; the split is made over both, then filtered.
+        **kwargs: see :class:`LabelledDataModule`.
+    """
+
+    def __init__(self, root: str | None = None, sequence: Literal["t1", "t2", "both"] = "both", **kwargs: Any) -> None:
+        if sequence not in ("t1", "t2", "both"):
+            raise OptionError(f"{self.name}: sequence must be 't1', 't2' or 'both', got {sequence!r}")
+        self.sequence = sequence
+        super().__init__(root, **kwargs)
+
+    def include(self, files: CaseFiles) -> bool:
+        return self.sequence == "both" or files.case_id.startswith(self.sequence + "_")
+
+    @abstractmethod
+    def folders(self, sequence: str) -> list[tuple[Path, Path]]:
+        """The (image folder, label folder) pairs that hold ``sequence``'s cases."""
+
+    def discover(self) -> list[CaseFiles]:
+        cases = []
+        for sequence in ("t1", "t2"):
+            for image_dir, label_dir in self.folders(sequence):
+                images, labels = nifti_files(image_dir, strip="_0000"), nifti_files(label_dir)
+                cases += [
+                    CaseFiles(f"{sequence}_{case_id}", image, label, modality="mr")
+                    for case_id, image, label in pair_by_id(images, labels, image_dir, label_dir)
+                ]
+        return cases
 
 
 def pair_by_id(
     images: dict[str, Path],
     labels: dict[str, Path],
-    image_path: Callable[[str], Path],
-    label_path: Callable[[str], Path],
+    image_dir: Path,
+    label_dir: Path,
+    image_name: str = "{}.nii.gz",
+    label_name: str = "{}.nii.gz",
 ) -> list[tuple[str, Path, Path]]:
     """Pair image and label files by case id. A case with only one of the two gets the path the other should
-    have (which does not exist), so checking the case reports exactly which file is missing."""
+    have (``<dir>/<name with the id>``, which does not exist), so checking the case reports exactly which file is
+    missing."""
     return [
-        (case_id, images.get(case_id, image_path(case_id)), labels.get(case_id, label_path(case_id)))
+        (case_id, images.get(case_id, image_dir / image_name.format(case_id)),
+         labels.get(case_id, label_dir / label_name.format(case_id)))
         for case_id in sorted(set(images) | set(labels))
-    ]
+    ]  # fmt: skip
 
 
 def nifti_files(folder: Path, strip: str = "") -> dict[str, Path]:
-    """NIfTI files of ``folder`` by stem (with ``strip`` removed from the end of the stem, e.g. ``_0000``)."""
+    """NIfTI files of ``folder`` by stem (with ``strip`` removed from the end of the stem, e.g. ``_0000``).
+
+    Raises:
+        DatasetError: two files give one stem (``b.nii.gz`` and ``b_0000.nii.gz``, ``c.nii`` and ``c.nii.gz``):
+            which one is the case cannot be guessed.
+    """
     if not folder.is_dir():
         return {}
-    out = {}
+    out: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and is_nifti(path) and not path.name.startswith("."):
             stem = nifti_stem(path)
             if strip and stem.endswith(strip):
                 stem = stem[: -len(strip)]
+            if stem in out:
+                raise DatasetError(
+                    f"{folder}: {out[stem].name} and {path.name} are both case {stem!r}; remove or rename one"
+                )
             out[stem] = path
     return out

@@ -45,7 +45,5 @@ class BTCVDataModule(LabelledDataModule):
         base = self._training()
         images = {k.removeprefix("img"): v for k, v in nifti_files(base / "img").items()}
         labels = {k.removeprefix("label"): v for k, v in nifti_files(base / "label").items()}
-        pairs = pair_by_id(
-            images, labels, lambda c: base / "img" / f"img{c}.nii.gz", lambda c: base / "label" / f"label{c}.nii.gz"
-        )
+        pairs = pair_by_id(images, labels, base / "img", base / "label", "img{}.nii.gz", "label{}.nii.gz")
         return [CaseFiles(case_id, image, label, modality="ct") for case_id, image, label in pairs]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from delinea.datamodules.plan import (
 )
 from delinea.datamodules.transforms import augmentation
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
+from delinea.io import DatasetError
 from delinea.labels import NUM_CLASSES
 
 #: A sample request: (slice index, window size in pixels or 0 for the whole slice, random seed of its crop).
@@ -60,6 +62,10 @@ class SliceDataset(Dataset):
         cache_cases: volumes kept per worker.
         ignore_unknown_labels: map unknown label ids to background instead of raising.
         affine_tolerance: image/label affine tolerance in mm.
+        nonfinite: NaN or infinite image voxels: ``refuse`` (a DatasetError naming the file and their count) or
+            ``replace`` (by the scan's lowest finite value; predict, counted in :meth:`replaced`).
+        skip_bad: a training window whose case fails to load is served from the next good case instead, and the
+            case is warned about (with its error) and never read again by this worker; evaluation still raises.
     """
 
     def __init__(
@@ -76,13 +82,17 @@ class SliceDataset(Dataset):
         cache_cases: int = 4,
         ignore_unknown_labels: bool = False,
         affine_tolerance: float = 1e-3,
+        nonfinite: Literal["refuse", "replace"] = "refuse",
+        skip_bad: bool = False,
     ) -> None:
         self.name = name
         self.root = root
         self.files = [files for files, _ in cases]
         counts = np.array([n for _, n in cases], dtype=np.int64)
         self.case_of = np.repeat(np.arange(len(cases), dtype=np.int32), counts)
-        self.slice_of = np.concatenate([np.arange(n, dtype=np.int32) for n in counts]) if len(cases) else np.zeros(0, np.int32)
+        self.slice_of = (
+            np.concatenate([np.arange(n, dtype=np.int32) for n in counts]) if len(cases) else np.zeros(0, np.int32)
+        )
         self.spec = spec
         self.labelled = torch.as_tensor(np.asarray(labelled, dtype=bool).reshape(len(cases), NUM_CLASSES))
         self.intensity = intensity
@@ -92,6 +102,10 @@ class SliceDataset(Dataset):
         self.cache_cases = max(1, int(cache_cases))
         self.ignore_unknown_labels = ignore_unknown_labels
         self.affine_tolerance = affine_tolerance
+        self.nonfinite = nonfinite
+        self.skip_bad = skip_bad
+        #: Cases this process found bad while training (``skip_bad``): case number -> error.
+        self.bad: dict[int, str] = {}
         self.plan: Plan | None = None
         self._stat = [files.stat_key() for files in self.files]
         self._transforms: dict[int, Any] = {}
@@ -112,8 +126,9 @@ class SliceDataset(Dataset):
             self._cache.move_to_end(number)
             return self._cache[number]
         loaded = load_case_files(
-            self.files[number], self.spec, self.intensity, self.ignore_unknown_labels, self.affine_tolerance
-        )
+            self.files[number], self.spec, self.intensity, self.ignore_unknown_labels, self.affine_tolerance,
+            self.nonfinite,
+        )  # fmt: skip
         self._cache[number] = loaded
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
@@ -153,8 +168,9 @@ class SliceDataset(Dataset):
             self._boxes[key] = body_box(loaded.body_profiles(BODY_THRESHOLD)) if crop else (0, x, 0, y)
         return self._boxes[key]
 
-    def resampled(self, index: int) -> tuple[LoadedCase, Region, tuple[int, int, int, int], torch.Tensor,
-                                             torch.Tensor | None]:
+    def resampled(
+        self, index: int
+    ) -> tuple[LoadedCase, Region, tuple[int, int, int, int], torch.Tensor, torch.Tensor | None]:
         """Slice ``index`` normalised and resampled onto the plan's lattice over the case's body box: (case, region,
         the scan's voxels it covers, image (1, h, w), mask (h, w))."""
         if self.plan is None:
@@ -178,9 +194,37 @@ class SliceDataset(Dataset):
     def __getitem__(self, key: int | Request) -> dict[str, Any]:
         index, window, seed = (key, 0, 0) if isinstance(key, (int, np.integer)) else key
         index, window, seed = int(index), int(window), int(seed)
+        if not (self.skip_bad and window):
+            return self.sample(index, window, seed)
+        for _ in range(len(self.files)):
+            number = int(self.case_of[index])
+            if number not in self.bad:
+                try:
+                    return self.sample(index, window, seed)
+                except DatasetError as error:
+                    self.bad[number] = str(error)
+                    warnings.warn(f"{self.name}: skipped case {self.files[number].case_id!r} while training "
+                                  f"(skip_bad_cases=True): {error}", stacklevel=2)  # fmt: skip
+            index = self._in_next_case(index)
+        raise DatasetError(f"{self.name}: every training case failed to load, e.g. {next(iter(self.bad.values()))}")
+
+    def _in_next_case(self, index: int) -> int:
+        """The slice at the same height (modulo its depth) in the case after ``index``'s, cyclically."""
+        number = (int(self.case_of[index]) + 1) % len(self.files)
+        first = int(np.searchsorted(self.case_of, number))
+        depth = int(np.searchsorted(self.case_of, number, side="right")) - first
+        return first + int(self.slice_of[index]) % depth
+
+    def sample(self, index: int, window: int, seed: int) -> dict[str, Any]:
+        """Slice ``index`` whole (``window`` 0) or a ``window`` crop of it placed (and augmented) by ``seed``."""
         loaded, region, box, image, mask = self.resampled(index)
-        sample: dict[str, Any] = {"case_id": loaded.files.case_id, "slice_index": int(self.slice_of[index]),
-                                  "region": region.as_tensor(), "box": torch.tensor(box)}
+        sample: dict[str, Any] = {
+            "case_id": loaded.files.case_id,
+            "slice_index": int(self.slice_of[index]),
+            "region": region.as_tensor(),
+            "box": torch.tensor(box),
+            "seed": seed,
+        }
         crop = None
         augment = False
         if window:
@@ -192,7 +236,7 @@ class SliceDataset(Dataset):
             if mask is not None:
                 mask = crop_window(mask, top, left, window, 0)
             augment = self.augment and mask is not None
-            if augment:
+            if augment and mask is not None:
                 transform = self.transform(window)
                 transform.set_random_state(seed=seed)  # the sample's own draw: workers and resumes agree
                 out = transform({"image": image, "mask": mask[None].float()})

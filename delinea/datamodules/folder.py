@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from delinea.datamodules.base import LabelledDataModule, nifti_files, pair_by_id
 from delinea.datamodules.utils import CaseFiles, LabelSpec
+from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 
 
@@ -37,13 +38,19 @@ class FolderDataModule(LabelledDataModule):
         **kwargs: Any,
     ) -> None:
         if modality not in ("ct", "mr", "auto"):
-            raise ValueError(f"folder: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
+            raise OptionError(f"folder: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
         if split not in ("random", "all"):
-            raise ValueError(f"folder: split must be 'random' or 'all', got {split!r}")
-        table = {i: i for i in range(NUM_CLASSES)} if label_table is None else {int(k): int(v) for k, v in label_table.items()}
+            raise OptionError(f"folder: split must be 'random' or 'all', got {split!r}")
+        table = (
+            {i: i for i in range(NUM_CLASSES)}
+            if label_table is None
+            else {int(k): int(v) for k, v in label_table.items()}
+        )
         bad = {k: v for k, v in table.items() if k < 0 or not 0 <= v < NUM_CLASSES}
         if bad:
-            raise ValueError(f"folder: label_table entries {bad} must map ids >= 0 to unified ids 0..{NUM_CLASSES - 1}")
+            raise OptionError(
+                f"folder: label_table entries {bad} must map ids >= 0 to unified ids 0..{NUM_CLASSES - 1}"
+            )
         self.modality = modality
         self.split_mode = split
         self._spec = LabelSpec(table, known=frozenset(table) | {0})
@@ -67,7 +74,7 @@ class FolderDataModule(LabelledDataModule):
         pairs = pair_by_id(
             nifti_files(image_dir, strip="_0000"),
             nifti_files(label_dir),
-            lambda c: image_dir / f"{c}.nii.gz",
-            lambda c: label_dir / f"{c}.nii.gz",
+            image_dir,
+            label_dir,
         )
         return [CaseFiles(c, image, label, modality=self.modality) for c, image, label in pairs]

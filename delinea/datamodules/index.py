@@ -12,14 +12,22 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from delinea.datamodules.utils import CaseFiles, LabelSpec, check_case, detect_modality, read_label
+from delinea.datamodules.utils import (
+    CaseFiles,
+    Intensity,
+    LabelSpec,
+    check_case,
+    detect_modality,
+    load_case_files,
+    read_label,
+)
 from delinea.io import DatasetError, read_volume
 
 log = logging.getLogger(__name__)
@@ -53,12 +61,16 @@ class CaseIndex:
         atol: float = 1e-3,
         ignore_unknown: bool = False,
         threads: int = 1,
+        verify: bool = False,
+        nonfinite: str = "refuse",
     ) -> dict[str, dict[str, Any]]:
         """Entries for ``cases``, inspecting (in ``threads`` threads) those missing or stale, then saving.
 
         Each entry holds ``slices`` (int), ``spacing`` (canonical in-plane spacing in mm, two floats),
         ``modality`` (``ct``/``mr``), ``error`` (str or None) and, with ``foreground``, ``foreground`` (the axial
-        indices holding any labelled voxel; reading every label also checks its ids).
+        indices holding any labelled voxel; reading every label also checks its ids). ``verify`` reads every case
+        whole, as the loader will (truncated data, NaN voxels under ``nonfinite="refuse"``, label ids), and
+        records ``verified``.
         """
         todo = []
         options = _options(atol, ignore_unknown)
@@ -70,10 +82,26 @@ class CaseIndex:
                 and entry.get("options") == options
                 and bool(entry.get("needs_label")) >= needs_label
             )
-            if not fresh or (foreground and entry.get("error") is None and entry.get("foreground") is None):
+            if (
+                entry is None
+                or not fresh
+                or (foreground and entry.get("error") is None and entry.get("foreground") is None)
+                or (verify and entry.get("error") is None and entry.get("verified") != nonfinite)
+            ):
                 todo.append(files)
         if todo:
-            work: Callable[[CaseFiles], dict[str, Any]] = lambda f: _inspect(f, needs_label, spec, foreground, atol, ignore_unknown)  # noqa: E731
+
+            def work(f: CaseFiles) -> dict[str, Any]:
+                entry = _inspect(f, needs_label, spec, foreground, atol, ignore_unknown)
+                if verify and entry["error"] is None:
+                    try:
+                        intensity = Intensity()  # the checks do not depend on the normalisation
+                        load_case_files(f, spec if f.has_label else None, intensity, ignore_unknown, atol, nonfinite)  # type: ignore[arg-type]
+                        entry["verified"] = nonfinite
+                    except DatasetError as error:
+                        entry["error"] = str(error)
+                return entry
+
             if threads > 1 and len(todo) > 1:  # reading is mostly gzip and file I/O, which release the GIL
                 with ThreadPoolExecutor(threads) as pool:
                     results = list(pool.map(work, todo))

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from delinea.errors import OptionError
 from delinea.io import DatasetError
 
 #: Spacings above this many mm per pixel are refused: no abdominal scan has them, a typo does.
@@ -68,11 +69,11 @@ def check_spacing(value: float, what: str = "spacing") -> float:
     try:
         spacing = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} {value!r} must be a number of mm per pixel") from None
+        raise OptionError(f"{what} {value!r} must be a number of mm per pixel") from None
     if not math.isfinite(spacing) or spacing <= 0:
-        raise ValueError(f"{what} {value!r} must be a positive number of mm per pixel")
+        raise OptionError(f"{what} {value!r} must be a positive number of mm per pixel")
     if spacing > MAX_SPACING:
-        raise ValueError(f"{what} {value!r} mm per pixel is absurd for a scan (expected at most {MAX_SPACING:g} mm)")
+        raise OptionError(f"{what} {value!r} mm per pixel is absurd for a scan (expected at most {MAX_SPACING:g} mm)")
     return spacing
 
 
@@ -80,7 +81,7 @@ def check_windows(window: int | Sequence[int], what: str = "window") -> tuple[in
     """Window sizes as a tuple of positive multiples of 8, else a ValueError naming the value."""
     values = [window] if isinstance(window, int) else list(window)
     if not values or any(not isinstance(w, int) or isinstance(w, bool) or w < 8 or w % 8 for w in values):
-        raise ValueError(f"{what} must be a positive multiple of 8 or a list of them, got {window!r}")
+        raise OptionError(f"{what} must be a positive multiple of 8 or a list of them, got {window!r}")
     return tuple(values)
 
 
@@ -103,30 +104,32 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not self.spacing:
-            raise ValueError("a plan needs the spacing of at least one modality")
+            raise OptionError("a plan needs the spacing of at least one modality")
         spacing = {}
         for modality, value in self.spacing.items():
             if modality not in PLAN_MODALITIES:
-                raise ValueError(f"plan spacing for unknown modality {modality!r}; expected {PLAN_MODALITIES}")
+                raise OptionError(f"plan spacing for unknown modality {modality!r}; expected {PLAN_MODALITIES}")
             spacing[modality] = check_spacing(value, f"plan spacing ({modality})")
         object.__setattr__(self, "spacing", dict(sorted(spacing.items())))
         object.__setattr__(self, "window", check_windows(tuple(self.window), "plan window"))
         if self.body_margin is not None:
             margin = float(self.body_margin)
             if not math.isfinite(margin) or margin < 0:
-                raise ValueError(f"plan body_margin {self.body_margin!r} must be a non-negative number of mm or None")
+                raise OptionError(f"plan body_margin {self.body_margin!r} must be a non-negative number of mm or None")
             object.__setattr__(self, "body_margin", margin)
 
     @classmethod
-    def uniform(cls, spacing: float, window: int | Sequence[int], source: str = "explicit",
-                body_margin: float | None = 10.0) -> Plan:
+    def uniform(
+        cls, spacing: float, window: int | Sequence[int], source: str = "explicit", body_margin: float | None = 10.0
+    ) -> Plan:
         """The same spacing for every modality."""
         value = check_spacing(spacing)
         return cls({m: value for m in PLAN_MODALITIES}, check_windows(window), source, body_margin)
 
     @classmethod
-    def from_cases(cls, spacings: Mapping[str, Sequence[float]], window: int | Sequence[int],
-                   body_margin: float | None = 10.0) -> Plan:
+    def from_cases(
+        cls, spacings: Mapping[str, Sequence[float]], window: int | Sequence[int], body_margin: float | None = 10.0
+    ) -> Plan:
         """The median in-plane spacing of training cases, per modality.
 
         Args:
@@ -139,8 +142,9 @@ class Plan:
             raise DatasetError("cannot plan a spacing: no training case with a readable header")
         counts = ", ".join(f"{len(v) // 2} {m.upper()}" for m, v in present.items())
         median = {m: round(float(np.median(v)), 4) for m, v in present.items()}
-        return cls(median, check_windows(window), f"median in-plane spacing of the training cases ({counts})",
-                   body_margin)
+        return cls(
+            median, check_windows(window), f"median in-plane spacing of the training cases ({counts})", body_margin
+        )
 
     @property
     def inference_window(self) -> int:
@@ -156,9 +160,11 @@ class Plan:
 
     def same_geometry(self, other: Plan) -> bool:
         """Whether two plans resample and crop alike (windows may differ)."""
-        return set(self.spacing) == set(other.spacing) and all(
-            abs(self.spacing[m] - other.spacing[m]) <= 1e-6 * self.spacing[m] for m in self.spacing
-        ) and self.body_margin == other.body_margin
+        return (
+            set(self.spacing) == set(other.spacing)
+            and all(abs(self.spacing[m] - other.spacing[m]) <= 1e-6 * self.spacing[m] for m in self.spacing)
+            and self.body_margin == other.body_margin
+        )
 
     def with_window(self, window: int | Sequence[int]) -> Plan:
         """The same geometry with other windows."""
@@ -173,18 +179,28 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what plan files and checkpoints hold)."""
-        return {"spacing_mm": dict(self.spacing), "window": list(self.window), "body_margin_mm": self.body_margin,
-                "source": self.source}
+        return {
+            "spacing_mm": dict(self.spacing),
+            "window": list(self.window),
+            "body_margin_mm": self.body_margin,
+            "source": self.source,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "plan") -> Plan:
         """Read :meth:`to_dict` output back; ValueError naming ``where`` if it is not a plan."""
         try:
-            return cls(dict(data["spacing_mm"]), tuple(data["window"]), str(data.get("source", "")),
-                       data.get("body_margin_mm", 10.0))
+            return cls(
+                dict(data["spacing_mm"]),
+                tuple(data["window"]),
+                str(data.get("source", "")),
+                data.get("body_margin_mm", 10.0),
+            )
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{where} is not a delinea plan ({type(error).__name__}: {error}); expected "
-                             '{"spacing_mm": {"ct": 1.5}, "window": [256]}') from None
+            raise OptionError(
+                f"{where} is not a delinea plan ({type(error).__name__}: {error}); expected "
+                '{"spacing_mm": {"ct": 1.5}, "window": [256]}'
+            ) from None
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (atomically: concurrent ranks never read half a file)."""
@@ -226,7 +242,7 @@ def body_box(body: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int]:
     for profile in body:
         inside = np.flatnonzero(np.asarray(profile) >= BODY_SHARE)
         box += [0, len(profile)] if inside.size == 0 else [int(inside[0]), int(inside[-1]) + 1]
-    return tuple(box)  # type: ignore[return-value]
+    return box[0], box[1], box[2], box[3]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,8 +292,9 @@ class Axes:
         columns = np.asarray(affine, dtype=np.float64)[:3, :2]
         spacing = np.sqrt((columns**2).sum(0))
         origin = (columns / spacing).T @ np.asarray(affine, dtype=np.float64)[:3, 3]
-        return cls((float(origin[0]), float(origin[1])), (float(spacing[0]), float(spacing[1])),
-                   (int(shape[0]), int(shape[1])))
+        return cls(
+            (float(origin[0]), float(origin[1])), (float(spacing[0]), float(spacing[1])), (int(shape[0]), int(shape[1]))
+        )
 
     def region(self, box: Sequence[int], target: float, margin: float = 0.0) -> Region:
         """The lattice region at ``target`` mm covering voxels ``box = (x0, x1, y0, y1)`` (end-exclusive) grown by
@@ -296,7 +313,7 @@ class Axes:
             low = math.ceil((start * region.spacing - self.origin[axis]) / self.spacing[axis] - 1e-6)
             high = math.ceil((end * region.spacing - self.origin[axis]) / self.spacing[axis] - 1e-6)
             box += [min(max(0, low), self.shape[axis]), min(max(0, high), self.shape[axis])]
-        return tuple(box)  # type: ignore[return-value]
+        return box[0], box[1], box[2], box[3]
 
 
 def _blur(values: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
@@ -304,7 +321,7 @@ def _blur(values: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     for axis, sigma in enumerate(sigmas):
         if sigma <= 0.1:
             continue
-        radius = int(math.ceil(3 * sigma))
+        radius = math.ceil(3 * sigma)
         taps = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
         kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
         kernel = (kernel / kernel.sum()).view(1, 1, -1, 1) if axis == 0 else (kernel / kernel.sum()).view(1, 1, 1, -1)
@@ -333,16 +350,24 @@ def to_lattice(values: torch.Tensor, axes: Axes, region: Region, fill: float = I
     sigmas = [max(0.0, (target / s - 1) / 2) for s in axes.spacing]
     if any(sigma > 0.1 for sigma in sigmas):
         values = _blur((values.float() - fill)[None], sigmas)[0] + fill
-    rows = ((region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * target - axes.origin[0]) / axes.spacing[0]
-    cols = ((region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * target - axes.origin[1]) / axes.spacing[1]
+    rows = (
+        (region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * target - axes.origin[0]
+    ) / axes.spacing[0]
+    cols = (
+        (region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * target - axes.origin[1]
+    ) / axes.spacing[1]
     return _sample(values, rows, cols, fill)
 
 
 def mask_to_lattice(mask: torch.Tensor | np.ndarray, axes: Axes, region: Region, num_classes: int) -> torch.Tensor:
     """An integer mask (X, Y) on ``region``: one-hot, bilinear, argmax (ties to the organ); background outside."""
     onehot = F.one_hot(torch.as_tensor(np.asarray(mask)).long(), num_classes).permute(2, 0, 1).float()
-    rows = ((region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[0]) / axes.spacing[0]
-    cols = ((region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[1]) / axes.spacing[1]
+    rows = (
+        (region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[0]
+    ) / axes.spacing[0]
+    cols = (
+        (region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[1]
+    ) / axes.spacing[1]
     shares = _sample(onehot, rows, cols, 0.0)
     outside = shares.sum(0) < 0.5
     shares[0] -= 1e-4  # an exact tie (a 1-pixel line at a 2x reduction) goes to the organ, not background
@@ -397,8 +422,10 @@ def window_offsets(
             chosen = classes[int(rng.integers(len(classes)))]
             pixels = torch.nonzero(foreground == chosen)
             y, x = (int(v) for v in pixels[int(rng.integers(len(pixels)))])
-            return tuple(int(np.clip(c - window // 2, lo, hi)) for c, (lo, hi) in zip((y, x), ranges))  # type: ignore[return-value]
-    return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ranges)  # type: ignore[return-value]
+            (top_lo, top_hi), (left_lo, left_hi) = ranges
+            return int(np.clip(y - window // 2, top_lo, top_hi)), int(np.clip(x - window // 2, left_lo, left_hi))
+    (top_lo, top_hi), (left_lo, left_hi) = ranges
+    return int(rng.integers(top_lo, top_hi + 1)), int(rng.integers(left_lo, left_hi + 1))
 
 
 def crop_window(array: torch.Tensor, top: int, left: int, window: int | tuple[int, int], fill: float) -> torch.Tensor:

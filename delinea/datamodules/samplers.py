@@ -3,7 +3,8 @@
 Training batches carry ``(sample_index, window, seed)`` requests, so one dataset serves several window sizes,
 every sample of a batch has the same size, and each sample's random crop (and augmentation) is drawn from its
 own seed. Evaluation batches carry ``(sample_index, 0, 0)``: whole resampled slices, one case per batch. The
-order and the seeds are a function of ``(seed, epoch)`` only, so a resumed run sees the same batches.
+order and the seeds are a function of ``(seed, epoch)`` only, and :class:`ResumableLoader` saves how far into
+its epoch the loader got, so a run resumed mid-epoch sees exactly the batches the uninterrupted run would.
 
 Distributed training: Lightning (``use_distributed_sampler=True``, the default) injects a
 ``DistributedSampler`` as the ``sampler`` argument when it re-creates this batch sampler; only its
@@ -16,7 +17,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 
 class SliceBatchSampler(BatchSampler):
@@ -35,9 +36,10 @@ class SliceBatchSampler(BatchSampler):
        seed drawn from ``(seed, epoch)``.
 
     Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending), whole (window
-    0); a batch never holds two cases, since their resampled slices differ in size. Ranks get whole cases, balanced by slice count, so per-case volumes can be stacked on one
-    rank; batch counts may differ by rank (log eval metrics per epoch, not per step with a sync). With fewer
-    cases than ranks, the extra ranks repeat a case (with a warning): Lightning needs a batch on every rank.
+    0); a batch never holds two cases, since their resampled slices differ in size. Ranks get whole cases,
+    balanced by slice count, so per-case volumes can be stacked on one rank; batch counts may differ by rank (log
+    eval metrics per epoch, not per step with a sync). With fewer cases than ranks, the extra ranks repeat a case
+    (with a warning): Lightning needs a batch on every rank.
 
     Args:
         sampler: ignored except to read ``num_replicas``/``rank`` from a ``DistributedSampler``; present so
@@ -98,6 +100,7 @@ class SliceBatchSampler(BatchSampler):
         self.block_cases = max(1, int(block_cases))
         self.lanes = max(1, int(lanes))
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
         n_cases = len(np.unique(case_of))
         if not shuffle and 0 < n_cases < self.num_replicas:
             warnings.warn(
@@ -109,6 +112,10 @@ class SliceBatchSampler(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the order and the resolution phase (Lightning calls this)."""
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Make the next iteration of ``epoch`` start after its first ``batches`` batches (a resumed run)."""
+        self._resume = (int(epoch), int(batches))
 
     # ----------------------------------------------------------------------------------------------------
     def _selected_count(self) -> int:
@@ -152,7 +159,8 @@ class SliceBatchSampler(BatchSampler):
         if len(cases) < self.num_replicas:
             # Lightning needs at least one batch on every rank (an empty rank would hang epoch-end syncs).
             return [cases[[r % len(cases)]] if len(cases) else cases for r in range(self.num_replicas)]
-        loads, owned = np.zeros(self.num_replicas), [[] for _ in range(self.num_replicas)]
+        loads = np.zeros(self.num_replicas)
+        owned: list[list[int]] = [[] for _ in range(self.num_replicas)]
         for i in np.argsort(-counts, kind="stable"):
             rank = int(np.argmin(loads))
             loads[rank] += counts[i]
@@ -189,17 +197,21 @@ class SliceBatchSampler(BatchSampler):
             if self.drop_last and batches and len(batches[-1]) < self.batch_size:
                 batches.pop()
             lanes.append(batches)
-        interleaved = []
+        interleaved: list[np.ndarray] = []
         for i in range(max((len(b) for b in lanes), default=0)):
             interleaved.extend(batches[i] for batches in lanes if i < len(batches))
         return interleaved
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:  # type: ignore[override]  # requests, not indices
         if not self.shuffle:
             for batch in self._eval_batches():
                 yield [(int(i), 0, 0) for i in batch]
             return
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
         for b, batch in enumerate(self._batches()):
+            if b < skip:
+                continue
             window = self.resolutions[(b + self.epoch) % len(self.resolutions)]
             yield [(int(i), window, int(seed)) for i, seed in batch]
 
@@ -212,3 +224,36 @@ class SliceBatchSampler(BatchSampler):
         if self.drop_last:
             return sum(s // self.batch_size for s in sizes)
         return sum(-(-s // self.batch_size) for s in sizes)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over a :class:`SliceBatchSampler` that Lightning checkpoints (its stateful-loader
+    protocol): ``state_dict`` records which pass over the data this is and how many of its batches were handed
+    out, ``load_state_dict`` makes the next iteration continue right after them.
+
+    The loader counts its passes itself and sets the sampler's epoch from that count, so the order does not hang on
+    Lightning's epoch number (which a resume from a checkpoint written at an epoch's last batch advances twice).
+    Lightning fetches no batch ahead of a loader with a length, so "handed out" is "trained on".
+    """
+
+    _passes = 0
+    _handed_out = 0
+
+    def __iter__(self) -> Iterator:  # type: ignore[override]  # a generator over the base iterator
+        sampler = self.batch_sampler
+        if self._handed_out >= len(self):  # the last pass is complete: start the next one
+            self._passes, self._handed_out = self._passes + 1, 0
+        if isinstance(sampler, SliceBatchSampler):
+            sampler.set_epoch(self._passes)
+            sampler.resume_at(self._passes, self._handed_out)
+        else:
+            self._handed_out = 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"passes": int(self._passes), "batches": int(self._handed_out)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._passes, self._handed_out = int(state["passes"]), int(state["batches"])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torch.utils.data import DataLoader
 
 from delinea.datamodules.base import MedSegDataModule, nifti_files
-from delinea.datamodules.utils import CaseFiles
-from delinea.io import DatasetError, is_nifti, nifti_stem
+from delinea.datamodules.utils import CaseFiles, count_nonfinite
+from delinea.errors import OptionError
+from delinea.io import DatasetError, is_nifti, nifti_stem, read_volume
 
 
 class ScanDataModule(MedSegDataModule):
@@ -22,42 +24,26 @@ class ScanDataModule(MedSegDataModule):
     Args:
         path: a ``.nii``/``.nii.gz`` file, a folder of them, or a folder holding one DICOM series.
         modality: ``'ct'``, ``'mr'`` or ``'auto'`` (CT if the scan holds values below -500 HU).
-        resolution: sliding window size; None: the model's.
-        batch_size: slices per batch.
-        num_workers: loader worker processes.
-        window: CT window in HU.
-        percentiles: MRI percentile window.
-        cache_cases: volumes kept per worker.
-        spacing: in-plane spacing in mm to resample to; None: the model's plan (given, it must agree).
-        plan_file: a plan JSON (it must agree with the model's plan).
-        body_margin: body crop margin in mm of a plan made here (with ``spacing``), or None; a model's plan keeps
-            its own.
+        **kwargs: slices and loaders: see :class:`~delinea.datamodules.base.MedSegDataModule`. ``resolution`` is
+            the sliding window (None: the model's); ``spacing`` and ``plan_file``, if given, must agree with the
+            model's plan.
     """
 
     name = "scan"
+    nonfinite = "replace"
 
-    def __init__(
-        self,
-        path: str,
-        modality: Literal["ct", "mr", "auto"] = "ct",
-        resolution: int | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        window: tuple[float, float] = (-175.0, 250.0),
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        cache_cases: int = 2,
-        spacing: float | None = None,
-        plan_file: str | None = None,
-        body_margin: float | None = 10.0,
-    ) -> None:
-        super().__init__(resolution, batch_size, num_workers, window, percentiles, cache_cases, spacing=spacing,
-                         plan_file=plan_file, body_margin=body_margin)
+    def __init__(self, path: str, modality: Literal["ct", "mr", "auto"] = "ct", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if modality not in ("ct", "mr", "auto"):
-            raise ValueError(f"scan: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
+            raise OptionError(f"scan: modality must be 'ct', 'mr' or 'auto', got {modality!r}")
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise DatasetError(f"{self.path}: no such file or folder (expected a NIfTI file, a folder of them, or a DICOM series folder)")
+            raise DatasetError(
+                f"{self.path}: no such file or folder "
+                "(expected a NIfTI file, a folder of them, or a DICOM series folder)"
+            )
         self.modality = modality
+        self._replaced: dict[str, int] = {}
 
     @property
     def root_string(self) -> str:
@@ -74,10 +60,26 @@ class ScanDataModule(MedSegDataModule):
         return [CaseFiles(self.path.name, self.path, modality=self.modality)]  # a DICOM series, checked on setup
 
     def setup(self, stage: str) -> None:
-        """Check every scan's header and index its slices (any stage serves the predict slices)."""
+        """Check every scan's header and index its slices (any stage serves the predict slices); count the NaN or
+        infinite voxels of floating-point scans, which are replaced by the scan's lowest value (warned, and noted
+        in each prediction's sidecar by :meth:`case_notes`)."""
         if "predict" not in self._datasets:
             cases, _ = self._checked(list(self.files), needs_label=False, skip=False)
             self._datasets["predict"] = self._dataset(cases)
+            for files, _ in cases:
+                count = count_nonfinite(read_volume(files.image))
+                self._replaced[files.case_id] = count
+                if count:
+                    warnings.warn(
+                        f"{files.image}: {count} voxel(s) are NaN or infinite; they are segmented as the scan's "
+                        "lowest finite value (noted in the prediction's sidecar)",
+                        stacklevel=2,
+                    )
+
+    def case_notes(self, case_id: str) -> dict[str, Any]:
+        """What a prediction's sidecar records about its input beyond the file: replaced non-finite voxels."""
+        count = self._replaced.get(case_id, 0)
+        return {"nonfinite_voxels_replaced": count} if count else {}
 
     def predict_dataloader(self) -> DataLoader:
         """Every slice of every scan, scan by scan, slices ascending."""

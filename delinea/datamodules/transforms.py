@@ -1,22 +1,34 @@
-"""Training augmentation of 2D slices with MONAI dictionary transforms.
+"""Training augmentation of 2D windows with MONAI dictionary transforms.
 
-No left-right flip: it would turn a left kidney into a right one (DESIGN.md section 2). Rotations, shears and
-elastic warps are small, so sides stay sides.
+No left-right flip: it would turn a left kidney into a right one (docs/design.md). Rotations, shears and elastic
+warps are small, so sides stay sides. The intensity transforms (gamma, contrast, brightness, noise; images only)
+are nnU-Net's kind, at strengths that keep CT air near -1.
 """
 
 from __future__ import annotations
 
 import math
 
-from monai.transforms import Compose, RandAffined, Rand2DElasticd, RandScaleCropd, Resized
+from monai.transforms import (
+    Compose,
+    Rand2DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleCropd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+)
 
 
 def augmentation(resolution: int) -> Compose:
-    """Random crop (resized back), affine (rotation, scale, shear, translation) and elastic warp.
+    """Random crop (resized back), affine (rotation, scale, shear, translation), elastic warp, then image gamma,
+    contrast, brightness and Gaussian noise.
 
     Works on ``{"image": (1, H, W) float, "mask": (1, H, W) float}`` at ``resolution``; images are resampled
     bilinearly, masks with nearest neighbour. Outside the field of view the image repeats its border
-    (air in CT) and the mask is background.
+    (air in CT) and the mask is background. The caller clips the image to [-1, 1].
     """
     keys = ("image", "mask")
     modes = ("bilinear", "nearest")
@@ -42,5 +54,9 @@ def augmentation(resolution: int) -> Compose:
                 mode=modes,
                 padding_mode=("border", "zeros"),
             ),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            RandScaleIntensityd("image", factors=0.15, prob=0.3),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.3),
+            RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
     )

@@ -5,9 +5,11 @@ Everything here runs in loader worker processes too, so it holds no dataset-wide
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -175,7 +177,9 @@ class Intensity:
         return low, high if high > low else low + 1.0
 
     @staticmethod
-    def apply(values: np.ndarray, bounds: tuple[float, float], slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    def apply(
+        values: np.ndarray, bounds: tuple[float, float], slope: float = 1.0, intercept: float = 0.0
+    ) -> np.ndarray:
         """Scale stored values (``values * slope + intercept``) so that ``bounds`` map to [-1, 1], clipped."""
         low, high = bounds
         scale = 2.0 * slope / (high - low)
@@ -207,6 +211,8 @@ class LoadedCase:
     modality: str
     bounds: tuple[float, float]
     label: np.ndarray | None
+    #: Voxels that were NaN or infinite and now hold the image's lowest finite value (``nonfinite="replace"``).
+    replaced: int = 0
 
     def image_slice(self, k: int, intensity: Intensity) -> np.ndarray:
         """Normalised axial slice ``k`` (X, Y) float32 in [-1, 1]."""
@@ -235,7 +241,9 @@ class LoadedCase:
         return rows / (array.shape[1] * depth), cols / (array.shape[0] * depth)
 
 
-def read_label(files: CaseFiles, spec: LabelSpec, geometry: Geometry, ignore_unknown: bool = False, atol: float = 1e-3) -> np.ndarray:
+def read_label(
+    files: CaseFiles, spec: LabelSpec, geometry: Geometry, ignore_unknown: bool = False, atol: float = 1e-3
+) -> np.ndarray:
     """Read a case's label file(s) as a canonical unified uint8 map on the image grid ``geometry``.
 
     Raises:
@@ -258,23 +266,55 @@ def read_label(files: CaseFiles, spec: LabelSpec, geometry: Geometry, ignore_unk
     return label
 
 
+def count_nonfinite(volume: Volume) -> int:
+    """NaN or infinite voxels of a volume (0 without reading for integer data, which cannot hold them)."""
+    if not np.issubdtype(volume.array.dtype, np.floating):
+        return 0
+    return int(volume.array.size - np.isfinite(volume.array).sum())
+
+
+def replace_nonfinite(volume: Volume) -> tuple[Volume, int]:
+    """The volume with NaN and infinite voxels set to its lowest finite value (air, for CT), and their count."""
+    count = count_nonfinite(volume)
+    if not count:
+        return volume, 0
+    array = np.array(volume.array)
+    finite = np.isfinite(array)
+    array[~finite] = array[finite].min() if finite.any() else 0
+    return dataclasses.replace(volume, array=array), count
+
+
 def load_case_files(
     files: CaseFiles,
     spec: LabelSpec | None,
     intensity: Intensity,
     ignore_unknown: bool = False,
     atol: float = 1e-3,
+    nonfinite: Literal["refuse", "replace"] = "refuse",
 ) -> LoadedCase:
     """Read a case's image and (if ``spec`` is given) its label, canonical and mapped to unified ids.
 
+    Args:
+        nonfinite: what NaN or infinite image voxels do: ``refuse`` (a DatasetError with their count; training and
+            evaluation data must be fixed) or ``replace`` (by the lowest finite value, counted in ``replaced``).
+
     Raises:
-        DatasetError: missing, corrupt or inconsistent files, unknown label ids.
+        DatasetError: missing, corrupt or inconsistent files, unknown label ids, non-finite voxels to refuse.
     """
     volume = read_volume(files.image)
+    if nonfinite == "replace":
+        volume, replaced = replace_nonfinite(volume)
+    else:
+        replaced = 0
+        if count := count_nonfinite(volume):
+            raise DatasetError(
+                f"{files.image}: {count} voxel(s) are NaN or infinite; training and evaluation data must be finite "
+                "(fix the file, or pass skip_bad_cases=True to leave the case out)"
+            )
     modality = detect_modality(volume) if files.modality == "auto" else files.modality
     if modality not in MODALITIES:
         raise DatasetError(f"case {files.case_id!r}: modality {modality!r}, expected one of {MODALITIES} or 'auto'")
     label = None
     if spec is not None and files.has_label:
         label = read_label(files, spec, volume.geometry, ignore_unknown, atol)
-    return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), label)
+    return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), label, replaced)

@@ -1,6 +1,14 @@
 """Evaluation: per-case 3D metrics (Dice, HD95, ASSD) and the reports built from them."""
 
-from delinea.evaluation.metrics import OrganMetrics, case_metrics, empty_penalty, surface_distances
+from delinea.evaluation.metrics import (
+    OrganMetrics,
+    case_metrics,
+    dice_from_counts,
+    empty_penalty,
+    mean_dice,
+    overlap_counts,
+    surface_distances,
+)
 from delinea.evaluation.report import (
     Row,
     case_rows,
@@ -17,9 +25,12 @@ __all__ = [
     "Row",
     "case_metrics",
     "case_rows",
+    "dice_from_counts",
     "empty_penalty",
     "gather_rows",
     "markdown_table",
+    "mean_dice",
+    "overlap_counts",
     "save_overlays",
     "summarize",
     "surface_distances",

@@ -1,6 +1,6 @@
 """Per-case, per-organ segmentation metrics in 3D: Dice, HD95 and ASSD in millimetres.
 
-Definitions (DESIGN.md section 3, notes/datasets-and-metrics.md section 3):
+Definitions (docs/design.md, section Metrics):
 
 * Surfaces are the border voxels ``X & ~erode(X)`` with the connectivity-1 (6-neighbour in 3D) structuring
   element and voxels outside the volume counted as background -- the same as MONAI ``get_mask_edges`` and
@@ -193,6 +193,37 @@ def _nan_metrics(status: Status) -> OrganMetrics:
     return OrganMetrics(dice=math.nan, hd95=math.nan, assd=math.nan, status=status)
 
 
+def overlap_counts(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Voxel counts per class of (pred & gt, pred, gt) as a (3, NUM_CLASSES) int64 array; counts of several
+    slices or batches add up, and :func:`dice_from_counts` turns the sum into a pooled (3D) Dice."""
+    pred, gt = np.asarray(pred).astype(np.int64).ravel(), np.asarray(gt).astype(np.int64).ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same size, got {pred.size} and {gt.size}")
+    both = np.bincount(pred[pred == gt], minlength=NUM_CLASSES)[:NUM_CLASSES]
+    return np.stack(
+        [
+            both,
+            np.bincount(pred, minlength=NUM_CLASSES)[:NUM_CLASSES],
+            np.bincount(gt, minlength=NUM_CLASSES)[:NUM_CLASSES],
+        ]
+    )
+
+
+def dice_from_counts(counts: np.ndarray) -> dict[str, float | None]:
+    """Dice per foreground organ from :func:`overlap_counts`; None for an organ absent from both (not scored)."""
+    out: dict[str, float | None] = {}
+    for c in range(1, NUM_CLASSES):
+        total = int(counts[1, c] + counts[2, c])
+        out[ORGANS[c]] = None if total == 0 else 2.0 * float(counts[0, c]) / total
+    return out
+
+
+def mean_dice(dice: dict[str, float | None]) -> float | None:
+    """The mean over the scored organs (mDSC), None if none is scored."""
+    scored = [v for v in dice.values() if v is not None]
+    return float(np.mean(scored)) if scored else None
+
+
 def case_metrics(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -237,7 +268,7 @@ def case_metrics(
         lab = np.asarray(labelled, dtype=bool).reshape(-1)
         if lab.size != NUM_CLASSES:
             raise ValueError(f"labelled must have {NUM_CLASSES} entries (one per class), got {lab.size}")
-    pen = empty_penalty(pred.shape, sp) if penalty is None else float(penalty)
+    pen = empty_penalty(pred.shape, sp.tolist()) if penalty is None else float(penalty)
 
     # One pass per volume gives every organ's bounding box; below, each organ touches only its own boxes.
     if crop:

@@ -92,7 +92,7 @@ def summarize(rows: Iterable[Row]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"unknown status {sorted(unknown)} for organ {organ!r}; expected one of {STATUSES}")
         used = [r for r in mine if r["status"] in EVALUATED]
-        entry: dict[str, Any] = {m: _mean([float(r[m]) for r in used]) for m in METRICS}  # type: ignore
+        entry: dict[str, Any] = {m: _mean([float(r[m]) for r in used]) for m in METRICS}  # type: ignore[literal-required]  # METRICS are Row's number keys
         entry["n"] = len(used)
         for status in ("pred_empty", "gt_empty", "both_empty", "unlabelled"):
             entry[status] = sum(r["status"] == status for r in mine)
@@ -170,7 +170,7 @@ def write_per_case_csv(rows: Iterable[Row], path: str | Path, overwrite: bool = 
         writer.writeheader()
         for row in rows:
             # repr keeps full precision and writes NaN as "nan"
-            writer.writerow({k: (repr(float(row[k])) if k in METRICS else row[k]) for k in CSV_COLUMNS})  # type: ignore
+            writer.writerow({k: (repr(float(row[k])) if k in METRICS else row[k]) for k in CSV_COLUMNS})  # type: ignore[literal-required]  # CSV_COLUMNS are Row's keys
     return path
 
 

@@ -36,7 +36,7 @@ class ControlDiT(nn.Module):
         self.zero_conv = nn.Conv2d(channels, channels, kernel_size=1)
         with torch.no_grad():
             self.zero_conv.weight.copy_(torch.eye(channels)[:, :, None, None])  # identity (see above)
-            nn.init.zeros_(self.zero_conv.bias)
+            nn.init.zeros_(self.zero_conv.bias)  # type: ignore[arg-type]  # built with a bias
         self.patch_embed = copy.deepcopy(base.pos_embed)
         old = base.pos_embed.proj
         self.patch_embed.proj = nn.Conv2d(2 * channels, hidden, old.kernel_size, old.stride)
@@ -47,14 +47,18 @@ class ControlDiT(nn.Module):
         self.blocks = nn.ModuleList(copy.deepcopy(base.transformer_blocks[i]) for i in range(num_blocks))
         for block in self.blocks:
             # The copies get the label the caller chose, never a randomly dropped one.
-            block.norm1.emb.class_embedder.dropout_prob = 0.0
+            block.norm1.emb.class_embedder.dropout_prob = 0.0  # type: ignore[union-attr]  # a diffusers block
         self.zero_linears = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_blocks))
         for linear in self.zero_linears:
+            assert isinstance(linear, nn.Linear)
             nn.init.zeros_(linear.weight)  # zero-initialised: no control at step 0
             nn.init.zeros_(linear.bias)
 
     def forward(
-        self, noisy_mask_latent: torch.Tensor, image_latent: torch.Tensor, timestep: torch.Tensor,
+        self,
+        noisy_mask_latent: torch.Tensor,
+        image_latent: torch.Tensor,
+        timestep: torch.Tensor,
         class_labels: torch.Tensor,
     ) -> list[torch.Tensor]:
         """Residuals for base blocks 0..K-1: (N, C, h, w) x 2 -> K x (N, T, D)."""

@@ -102,31 +102,38 @@ def match_original_dit(dit: DiTTransformer2DModel) -> DiTTransformer2DModel:
     return dit
 
 
-def embed(dit: DiTTransformer2DModel, latent: torch.Tensor) -> torch.Tensor:
-    """Patchify and add the positional embedding: (N, C, H, W) -> (N, T, D)."""
-    return dit.pos_embed(latent)
-
-
 def run_block(
-    block: nn.Module, hidden: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    block: nn.Module,
+    hidden: torch.Tensor,
+    timestep: torch.Tensor,
+    class_labels: torch.Tensor,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
-    """One adaLN-Zero transformer block: (N, T, D) -> (N, T, D)."""
+    """One adaLN-Zero transformer block: (N, T, D) -> (N, T, D). With ``checkpoint`` (and gradients on), its
+    activations are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(
+            block, hidden, timestep=timestep, class_labels=class_labels, use_reentrant=False
+        )
     return block(hidden, timestep=timestep, class_labels=class_labels)
 
 
 def final_layer(
-    dit: DiTTransformer2DModel, hidden: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    dit: DiTTransformer2DModel,
+    hidden: torch.Tensor,
+    timestep: torch.Tensor,
+    class_labels: torch.Tensor,
+    grid: tuple[int, int],
 ) -> torch.Tensor:
-    """adaLN output layer and unpatchify: (N, T, D) -> (N, C_out, H, W)."""
+    """adaLN output layer and unpatchify of a ``grid`` of (rows, columns) tokens: (N, T, D) -> (N, C_out, H, W)."""
     conditioning = dit.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden.dtype)  # (N, D)
     shift, scale = dit.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
     hidden = dit.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
     hidden = dit.proj_out_2(hidden)  # (N, T, p*p*C_out)
-    n, tokens, _ = hidden.shape
     p, c = dit.patch_size, dit.out_channels
-    side = math.isqrt(tokens)
-    hidden = hidden.reshape(n, side, side, p, p, c)
-    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(n, c, side * p, side * p)
+    rows, cols = grid
+    hidden = hidden.reshape(hidden.shape[0], rows, cols, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(hidden.shape[0], c, rows * p, cols * p)
 
 
 def forward(
@@ -135,15 +142,18 @@ def forward(
     timestep: torch.Tensor,
     class_labels: torch.Tensor,
     residual: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
-    """The DiT forward run block by block; ``residual(i, h)`` may return a tensor added after block i."""
-    hidden = embed(dit, latent)  # (N, T, D)
+    """The DiT forward run block by block, for square or oblong latents; ``residual(i, h)`` may return a tensor
+    added after block i; ``checkpoint`` recomputes block activations in the backward pass."""
+    grid = (latent.shape[-2] // dit.patch_size, latent.shape[-1] // dit.patch_size)
+    hidden = dit.pos_embed(latent)  # (N, T, D), T = rows * columns of patches
     for i, block in enumerate(dit.transformer_blocks):
-        hidden = run_block(block, hidden, timestep, class_labels)
+        hidden = run_block(block, hidden, timestep, class_labels, checkpoint)
         extra = residual(i, hidden) if residual is not None else None
         if extra is not None:
             hidden = hidden + extra
-    return final_layer(dit, hidden, timestep, class_labels)
+    return final_layer(dit, hidden, timestep, class_labels, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,8 +212,11 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         raise ValueError(
             f"weights in {source} do not fit {type(model).__name__}: "
@@ -279,9 +292,13 @@ def convert_original_dit(
         converted[new + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
     expected = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
     expected |= {f"t_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}
-    expected |= {f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")}
+    expected |= {
+        f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")
+    }
     block_parts = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
-    expected |= {f"blocks.{d}.{part}.{kind}" for d in range(depth) for part in block_parts for kind in ("weight", "bias")}
+    expected |= {
+        f"blocks.{d}.{part}.{kind}" for d in range(depth) for part in block_parts for kind in ("weight", "bias")
+    }
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise ValueError(f"{source}: unexpected keys for an original DiT checkpoint: {unexpected[:5]}")

@@ -35,8 +35,13 @@ def build_vae(preset: str = "sd", latent_channels: int = 4, scaling_factor: floa
     return vae_from_sizes(channels, layers, groups, latent_channels, scaling_factor)
 
 
-def vae_from_sizes(channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, latent_channels: int = 4,
-                   scaling_factor: float = 0.18215) -> AutoencoderKL:
+def vae_from_sizes(
+    channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_num_groups: int,
+    latent_channels: int = 4,
+    scaling_factor: float = 0.18215,
+) -> AutoencoderKL:
     """A randomly initialised ``AutoencoderKL`` of plain down/up encoder blocks; f = 2 ** (len(channels) - 1)."""
     return AutoencoderKL(
         in_channels=3,
@@ -83,8 +88,9 @@ class MaskVAE(nn.Module):
         self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         self.rgb_out = vae.decoder.conv_out
         vae.decoder.conv_out = nn.Identity()  # the decoder now returns features; rgb_out and head read them
-        self.head = nn.Conv2d(self.rgb_out.in_channels, num_classes, self.rgb_out.kernel_size,
-                              padding=self.rgb_out.padding)
+        self.head = nn.Conv2d(
+            self.rgb_out.in_channels, num_classes, self.rgb_out.kernel_size, padding=self.rgb_out.padding
+        )
         self.reset_head()
 
     @property
@@ -96,6 +102,7 @@ class MaskVAE(nn.Module):
         """Initialise the head so its argmax equals nearest-palette decoding of ``rgb_out``."""
         palette = PALETTE[: self.head.out_channels].to(self.rgb_out.weight)  # (C, 3)
         self.head.weight.copy_(2 * torch.einsum("ck,kihw->cihw", palette, self.rgb_out.weight))
+        assert self.head.bias is not None and self.rgb_out.bias is not None  # both convs are built with a bias
         self.head.bias.copy_(2 * palette @ self.rgb_out.bias - (palette**2).sum(1))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from delinea.datamodules.plan import IMAGE_FILL, Plan, Region, crop_window, lattice_padding, tile_offsets
-from delinea.errors import OptionError
+from delinea.errors import CheckpointError, NonFiniteLossError, OptionError
 from delinea.evaluation import case_metrics, case_rows, gather_rows, summarize
 from delinea.labels import FOREGROUND, NUM_CLASSES
 from delinea.tasks.volumes import PredictedCase, VolumeAssembler
@@ -78,6 +80,31 @@ def adamw_with_schedule(task: LightningModule, anneal_seconds: float | None = No
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def check_finite(loss: torch.Tensor, batch: dict[str, Any], step: int) -> None:
+    """Stop training at a NaN or infinite loss, naming the batch's cases, before it reaches the weights.
+
+    Raises:
+        NonFiniteLossError: the loss is not finite.
+    """
+    loss = loss.detach()
+    if bool(torch.isfinite(loss)):
+        return
+    cases = sorted(set(batch.get("case_id", [])))
+    slices = batch["slice_index"].tolist() if torch.is_tensor(batch.get("slice_index")) else []
+    raise NonFiniteLossError(
+        f"training loss is {loss.item()} at step {step} on cases {cases[:8]} (slices {slices[:8]}); stopped before "
+        "the weights take it: check those files for extreme values, or lower lr"
+    )
+
+
+def check_schedule(lr: float, warmup_steps: int, lr_schedule: str) -> None:
+    """Raise an OptionError naming the value unless the optimiser settings can work."""
+    if lr_schedule not in ("cosine", "linear", "constant"):
+        raise OptionError(f"lr_schedule {lr_schedule!r} must be 'cosine', 'linear' or 'constant'")
+    if not lr > 0 or warmup_steps < 0:
+        raise OptionError(f"lr ({lr}) must be positive and warmup_steps ({warmup_steps}) non-negative")
+
+
 def moving_average(module: nn.Module, decay: float) -> ModelEmaV3:
     """timm's EMA of a module's weights, kept out of the optimiser (its copy needs no gradients)."""
     ema = ModelEmaV3(module, decay=decay)
@@ -85,7 +112,38 @@ def moving_average(module: nn.Module, decay: float) -> ModelEmaV3:
     return ema
 
 
-class SegmentationTask(LightningModule):
+class SeededSteps:
+    """Training randomness (noise, timesteps, synthetic masks) drawn per micro-batch from a generator seeded by the
+    run's seed and the batch's sample seeds (the ``seed`` the loader gives each sample). A run resumed from a
+    checkpoint restores the loader's position, so it draws exactly what the uninterrupted run would, on any number
+    of ranks, with no generator state to save: only the run's seed, which checkpoints carry."""
+
+    #: The run's seed: ``torch.initial_seed()`` when a fresh fit starts (``seed_everything``'s value).
+    training_seed: int = 0
+
+    def step_generator(self, batch: dict[str, Any]) -> torch.Generator | None:
+        """The generator of a training batch's randomness; None (the global generator) for batches without
+        sample seeds."""
+        seeds = batch.get("seed")
+        if not torch.is_tensor(seeds):
+            return None
+        entropy = [int(self.training_seed), *(int(s) for s in seeds.tolist())]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+        return torch.Generator(seeds.device).manual_seed(seed)
+
+    def start_seeds(self, resuming: bool) -> None:
+        """Take the run's seed when a fit starts (a resumed fit keeps its checkpoint's)."""
+        if not resuming:
+            self.training_seed = torch.initial_seed()
+
+    def save_seed(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["delinea_training_seed"] = int(self.training_seed)
+
+    def load_seed(self, checkpoint: dict[str, Any]) -> None:
+        self.training_seed = int(checkpoint.get("delinea_training_seed", 0))
+
+
+class SegmentationTask(SeededSteps, LightningModule):
     """A slice segmentation task: subclasses build their networks in :meth:`configure_models` and implement
     :meth:`losses` (training), :meth:`predict_probabilities` (inference on windows) and :attr:`size_multiple`.
 
@@ -106,21 +164,26 @@ class SegmentationTask(LightningModule):
             (``val/mDSC``, ``val/dice/<organ>``): a curve to choose checkpoints by, at the cost of inference.
     """
 
-    def __init__(self, lr: float = 2e-5, weight_decay: float = 0.0, lr_schedule: str = "cosine",
-                 warmup_steps: int = 0, window_overlap: float = 0.5, val_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        window_overlap: float = 0.5,
+        val_metrics: bool = False,
+    ) -> None:
         super().__init__()
-        if lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule {lr_schedule!r} must be 'cosine', 'linear' or 'constant'")
-        if lr <= 0 or warmup_steps < 0:
-            raise ValueError(f"lr ({lr}) must be positive and warmup_steps ({warmup_steps}) non-negative")
+        check_schedule(lr, warmup_steps, lr_schedule)
         if not 0 <= window_overlap < 1:
-            raise ValueError(f"window_overlap {window_overlap} must be in [0, 1)")
+            raise OptionError(f"window_overlap {window_overlap} must be in [0, 1)")
         self.save_hyperparameters()
         self.configure_models()
         #: The geometry the model works at; set when fitting starts, carried by checkpoints.
         self.plan: Plan | None = None
         #: Windows per forward pass when sliding over slices.
         self.window_batch_size = 8
+        self._parent: tuple[Plan | None] | None = None  # init_from's plan, once loaded
 
     # -- what a task defines -------------------------------------------------------------------------------
 
@@ -137,8 +200,9 @@ class SegmentationTask(LightningModule):
         """Training losses of a batch of windows; ``loss`` is the one optimised."""
         raise NotImplementedError
 
-    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_probabilities(
+        self, image: torch.Tensor, seeds: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities (N, C, h, w) and a per-pixel uncertainty (N, h, w) for windows (N, 1, h, w);
         ``seeds`` (one per window) fix any randomness per window."""
         raise NotImplementedError
@@ -152,9 +216,11 @@ class SegmentationTask(LightningModule):
     def check_window(self, window: int, source: str = "window") -> None:
         """Raise a ValueError naming ``window`` unless it is a positive multiple of :attr:`size_multiple`."""
         if window < self.size_multiple or window % self.size_multiple:
-            raise OptionError(f"{source} {window} px is not a multiple of {self.size_multiple}, the smallest size "
-                             f"step {type(self).__name__} can take; choose e.g. "
-                             f"{max(1, round(window / self.size_multiple)) * self.size_multiple}")
+            raise OptionError(
+                f"{source} {window} px is not a multiple of {self.size_multiple}, the smallest size "
+                f"step {type(self).__name__} can take; choose e.g. "
+                f"{max(1, round(window / self.size_multiple)) * self.size_multiple}"
+            )
 
     def set_plan(self, plan: Plan) -> None:
         """Adopt a plan after checking its windows against the network."""
@@ -165,29 +231,39 @@ class SegmentationTask(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the task class and the plan, so ``delinea test --ckpt`` rebuilds the model at its geometry."""
         checkpoint["delinea_task"] = f"{type(self).__module__}.{type(self).__name__}"
+        self.save_seed(checkpoint)
         if self.plan is not None:
             checkpoint["delinea_plan"] = self.plan.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_seed(checkpoint)
         plan = checkpoint.get("delinea_plan")
         self.plan = Plan.from_dict(plan, "the checkpoint's delinea_plan") if plan is not None else None
 
     def on_fit_start(self) -> None:
         """Fine-tuning starts from ``init_from`` (unless resuming this run), then the plan is settled: the
         datamodule's explicit one, else the parent's (or the resumed run's), else the datamodule's own."""
-        parent_plan = None
-        path = self.hparams.get("init_from")
-        if path and self.trainer.ckpt_path is None:
-            checkpoint = read_checkpoint(path, "init_from")
-            self.load_parent(checkpoint, path)
-            if checkpoint.get("delinea_plan") is not None:
-                parent_plan = Plan.from_dict(checkpoint["delinea_plan"], f"init_from {path}")
-        inherited = self.plan if self.trainer.ckpt_path is not None else parent_plan
+        resuming = self.trainer.ckpt_path is not None
+        self.start_seeds(resuming)
+        inherited = self.plan if resuming else self.start_from_parent()
         datamodule = self.trainer.datamodule
         plan = datamodule.plan_for(inherited, "fit") if hasattr(datamodule, "plan_for") else inherited
         if plan is not None:
             self.set_plan(plan)
             self.print(f"delinea: plan {plan.describe()}")
+
+    def start_from_parent(self) -> Plan | None:
+        """Load ``init_from``'s trainable weights (once; the CLI does it before any other work, so a missing or
+        mismatched parent stops the run at once) and return its plan, if any."""
+        path = self.hparams.get("init_from")
+        if not path:
+            return None
+        if self._parent is None:
+            checkpoint = read_checkpoint(path, "init_from")
+            self.load_parent(checkpoint, path)
+            plan = checkpoint.get("delinea_plan")
+            self._parent = (Plan.from_dict(plan, f"init_from {path}") if plan is not None else None,)
+        return self._parent[0]
 
     @property
     def inference_window(self) -> int | None:
@@ -203,8 +279,9 @@ class SegmentationTask(LightningModule):
 
     # -- inference on whole slices -------------------------------------------------------------------------
 
-    def predict_slices(self, image: torch.Tensor, region: Region | torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_slices(
+        self, image: torch.Tensor, region: Region | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities (N, C, H, W) and uncertainty (N, H, W) of whole slices (N, 1, H, W) of any size.
 
         Windows of the plan's inference size (without a plan: one window covering the slice) with
@@ -224,7 +301,10 @@ class SegmentationTask(LightningModule):
             start, pad = (0, 0), (0, 0, 0, 0)
         else:
             region = region if isinstance(region, Region) else Region.from_tensor(region)
-            rows, cols = lattice_padding(region.x0, height, window, stride), lattice_padding(region.y0, width, window, stride)
+            rows, cols = (
+                lattice_padding(region.x0, height, window, stride),
+                lattice_padding(region.y0, width, window, stride),
+            )
             start, pad = (region.x0 - rows[0], region.y0 - cols[0]), (cols[0], cols[1], rows[0], rows[1])
         padded = F.pad(image, pad, value=IMAGE_FILL)
 
@@ -247,8 +327,8 @@ class SegmentationTask(LightningModule):
         height, width = image.shape[-2:]
         window = self.inference_window or -(-max(height, width) // self.size_multiple) * self.size_multiple
         tiles = [(top, left) for top in tile_offsets(height, window) for left in tile_offsets(width, window)]
-        images = torch.stack([crop_window(image, t, l, window, IMAGE_FILL) for t, l in tiles], 1)  # (N, T, 1, W, W)
-        masks = torch.stack([crop_window(mask, t, l, window, 0) for t, l in tiles], 1)  # (N, T, W, W)
+        images = torch.stack([crop_window(image, y, x, window, IMAGE_FILL) for y, x in tiles], 1)  # (N, T, 1, W, W)
+        masks = torch.stack([crop_window(mask, y, x, window, 0) for y, x in tiles], 1)  # (N, T, W, W)
         n = len(tiles)
         return {
             "image": images.flatten(0, 1), "mask": masks.flatten(0, 1),
@@ -265,7 +345,8 @@ class SegmentationTask(LightningModule):
         return self.losses(batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
+        losses = self.losses(batch, generator=self.step_generator(batch))
+        check_finite(losses["loss"], batch, self.global_step)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
         return losses["loss"]
 
@@ -278,8 +359,9 @@ class SegmentationTask(LightningModule):
         windows = self.tile(batch)
         losses = self.validation_loss(windows, batch_idx)
         # sync_dist: every rank logs the same reduced value, so checkpoint monitors agree across ranks.
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True,
-                      batch_size=len(windows["image"]))
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True, batch_size=len(windows["image"])
+        )
         if self.hparams.get("val_metrics"):
             self._segment(batch, evaluate=True)
 
@@ -295,8 +377,10 @@ class SegmentationTask(LightningModule):
     def _start_cases(self) -> None:
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "case_geometry"):
-            raise TypeError(f"{type(self).__name__} segments whole cases: it needs a delinea datamodule (one that "
-                            f"knows each case's geometry and label), got {type(datamodule).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} segments whole cases: it needs a delinea datamodule (one that "
+                f"knows each case's geometry and label), got {type(datamodule).__name__}"
+            )
         self._volumes = VolumeAssembler(datamodule.case_geometry)
         self._rows: list = []
 
@@ -305,8 +389,9 @@ class SegmentationTask(LightningModule):
         when ``evaluate``)."""
         region = batch["region"][0] if "region" in batch else None  # a batch is one case: one region
         probabilities, uncertainty = self.predict_slices(batch["image"], region)
-        done = self._volumes.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty,
-                                 batch.get("region"), batch.get("box"))
+        done = self._volumes.add(
+            batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch.get("region"), batch.get("box")
+        )
         if evaluate:
             for case in done:
                 label, labelled = self.trainer.datamodule.load_label(case.case_id)
@@ -318,8 +403,9 @@ class SegmentationTask(LightningModule):
     def _finish_cases(self) -> list:
         missing = self._volumes.incomplete()
         if missing:
-            raise RuntimeError(f"cases {missing[:5]} did not receive all their slices; the loader must give every "
-                               "rank whole cases")
+            raise RuntimeError(
+                f"cases {missing[:5]} did not receive all their slices; the loader must give every rank whole cases"
+            )
         return gather_rows(self._rows)  # every rank gets every case's rows, once
 
     def _log_metrics(self, stage: str, rows: list) -> dict[str, Any]:
@@ -358,15 +444,35 @@ class SegmentationTask(LightningModule):
         self._finish_cases()
 
 
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """A delinea checkpoint read weights-only (no pickled code can run); errors name ``what`` and the file."""
+def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint read weights-only (no pickled code can run, whatever the environment says), memory-mapped
+    with ``mmap``, or a model folder (:mod:`delinea.tasks.export`).
+
+    Raises:
+        CheckpointError: one line naming ``what`` and the file, and what is wrong with it.
+    """
+    from delinea.tasks.export import is_model_folder, read_model_folder
+
     path = Path(path)
+    if is_model_folder(path):
+        return read_model_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}={str(path)!r} is not a file")
+        raise CheckpointError(f"{what} {str(path)!r}: no such checkpoint file or model folder")
+    zipped = zipfile.is_zipfile(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except Exception as error:  # torch raises many types for files that are not checkpoints
-        raise ValueError(f"{what} {path} is not a readable checkpoint ({type(error).__name__})") from None
+        with open(path, "rb") as handle:
+            pickled = handle.read(1) == b"\x80"  # a pickle: torch.save's legacy format, or a plain pickle
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif not zipped and not pickled:
+            reason = "not a file written by torch.save (neither a zip archive nor a pickle)"
+        elif isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
+            reason = "it holds objects other than tensors and plain values, which could run code: not loaded"
+        else:
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint: {reason}") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{what} {path} is not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
+        raise CheckpointError(f"{what} {path} is not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
     return checkpoint

@@ -30,7 +30,8 @@ class LatentCache:
         return self.folder / digest[:2] / f"{digest}.safetensors"
 
     def get_or_compute(
-        self, keys: Sequence[str],
+        self,
+        keys: Sequence[str],
         compute: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents for a batch; ``compute(indices)`` encodes the slices at ``indices`` that are not cached."""
@@ -59,6 +60,8 @@ class LatentCache:
         path.parent.mkdir(exist_ok=True)
         # Write then rename: concurrent ranks or an interrupted run never leave a half-written file behind.
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"image": image.detach().float().cpu().contiguous(),
-                   "mask": mask.detach().float().cpu().contiguous()}, str(temporary))
+        save_file(
+            {"image": image.detach().float().cpu().contiguous(), "mask": mask.detach().float().cpu().contiguous()},
+            str(temporary),
+        )
         os.replace(temporary, path)

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
+from delinea.models.diffusion import make_sampler
 from delinea.models.dit import DIT_PRESETS
-from delinea.models.meddelinea import autocast_to
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
-from delinea.models.sampling import make_sampler
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
 from delinea.tasks.latent_cache import LatentCache
@@ -36,24 +36,14 @@ class MedDelineaTask(SegmentationTask):
         image_size: slice size the presets' positional embedding is laid out for (other sizes interpolate).
         control_blocks: K, base blocks copied into the Control DiT (paper: 15).
         class_label: DiT class label given to every sample; None is the DiT's null class (1000 for DiT-XL/2).
-        lr: AdamW learning rate (paper: 2e-5).
-        weight_decay: AdamW weight decay.
-        lr_schedule: ``cosine`` or ``linear`` decay to zero over the run, or ``constant``.
-        warmup_steps: linear warm-up steps.
         seg_loss_weight: weight of L_seg (BCE + Dice of decoded logits); 0 trains with L_diff only.
         seg_max_timestep: L_seg is computed only for t below this. Tweedie divides by √ᾱ_t (ᾱ_999 ≈ 4e-5, a
             157x amplification of ε̂ errors), so near t = 999 the decoded mask is noise and its loss only adds
-            variance. Up to t ≈ 800 it is what teaches the control branch to read the image: the noisy mask
-            latent alone no longer shows the layout there. In 200 s control runs of the demo model (held-out CT
-            slab, DDIM 10 steps, mDSC with the image / with it zeroed): a limit of 500 gave 0.11 / 0.08, 800
-            gave 0.30 and 0.22 (two seeds) / 0.10-0.13, 1000 gave 0.22 / 0.06, and 1000 with L_seg weighted by
-            √ᾱ_t 0.12 / 0.07.
+            variance; up to t ≈ 800 it is what teaches the control branch to read the image, since the noisy
+            mask latent alone no longer shows the layout there (docs/experiments.md).
         timestep_bias: training timesteps are drawn with density ∝ t^bias on [0, 1000): 0 is the paper's uniform
             draw; larger values train large t, where the image must decide the layout, more often (and skip
-            more decoder passes). In the runs above with a limit of 800: bias 1 gave 0.34 and 0.34 (two seeds),
-            2 gave 0.36, 3 gave 0.34 (image zeroed: 0.12-0.15); with a limit of 900, bias 2 gave 0.31 / 0.04.
-            Those runs scored the demo's held-out slab. On a validation slab cut from the training slices (z 76-85,
-            31 slices left to train on) the new settings gave 0.13-0.15 against 0.11 for the old ones.
+            more decoder passes).
         train_head: train the class head (False: only the noise predictor trains, a paper ablation).
         sampler: sampler used by validation, test and predict.
         sampling_steps: sampler steps.
@@ -68,8 +58,8 @@ class MedDelineaTask(SegmentationTask):
         inference_dtype: precision of sampling in validation, test and predict: ``auto`` (bf16 autocast where the
             hardware has native bf16, a CUDA GPU or a CPU with AVX512-BF16/AMX; else float32), ``bfloat16`` or
             ``float32``. The sampler state and the probabilities stay float32 (benchmarks/fastpaths.py).
-        window_overlap: overlap of neighbouring inference windows.
-        val_metrics: segment the validation cases at every validation and log ``val/mDSC``.
+        **kwargs: the optimiser (``lr``, paper: 2e-5; ``weight_decay``, ``lr_schedule``, ``warmup_steps``) and
+            inference windows (``window_overlap``, ``val_metrics``): see :class:`~delinea.tasks.base.SegmentationTask`.
     """
 
     def __init__(
@@ -79,10 +69,6 @@ class MedDelineaTask(SegmentationTask):
         image_size: int = 256,
         control_blocks: int = 15,
         class_label: int | None = None,
-        lr: float = 2e-5,
-        weight_decay: float = 0.0,
-        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
-        warmup_steps: int = 0,
         seg_loss_weight: float = 1.0,
         seg_max_timestep: int = 800,
         timestep_bias: float = 0.0,
@@ -96,26 +82,26 @@ class MedDelineaTask(SegmentationTask):
         zero_image: bool = False,
         ema_decay: float = 0.0,
         inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-        window_overlap: float = 0.5,
-        val_metrics: bool = False,
+        **kwargs: Any,
     ) -> None:
         if not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay {ema_decay} must be in [0, 1)")
+            raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
+        if not isinstance(sampling_steps, int) or sampling_steps < 1:
+            raise OptionError(f"sampling_steps must be a positive integer, got {sampling_steps!r}")
+        if not isinstance(ensemble, int) or ensemble < 1:
+            raise OptionError(f"ensemble must be a positive integer (samples per slice), got {ensemble!r}")
         resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype
         if not 0 < seg_max_timestep <= 1000:
-            raise ValueError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
+            raise OptionError(f"seg_max_timestep {seg_max_timestep} must be in (0, 1000]")
         if not 0 <= timestep_bias <= 10:
-            raise ValueError(f"timestep_bias {timestep_bias} must be in [0, 10] (0: uniform timesteps)")
-        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         window_overlap=window_overlap, val_metrics=val_metrics)
+            raise OptionError(f"timestep_bias {timestep_bias} must be in [0, 10] (0: uniform timesteps)")
+        super().__init__(**kwargs)
 
     # -- building ------------------------------------------------------------------------------------------
 
     def configure_models(self) -> None:
         """Build (or load) the backbones, the control branch and the head; freeze what must not train."""
-        if hasattr(self, "model"):  # Lightning calls this hook again at fit start
-            return
         hp = self.hparams
         vae = build_vae(hp.vae) if hp.vae in VAE_SIZES else load_vae(_existing(hp.vae, "vae"))
         mask_vae = MaskVAE(vae, NUM_CLASSES)
@@ -131,8 +117,9 @@ class MedDelineaTask(SegmentationTask):
         self.frozen_from_files = hp.dit not in DIT_PRESETS and hp.vae not in VAE_SIZES
         self.latent_cache = LatentCache(hp.latent_cache, self.vae_fingerprint()) if hp.latent_cache else None
         # The trainable parts under one module for the EMA; not registered, so state_dict keys stay unique.
-        object.__setattr__(self, "trainable", nn.ModuleDict({"control": self.model.control,
-                                                             "head": self.model.vae.head}))
+        object.__setattr__(
+            self, "trainable", nn.ModuleDict({"control": self.model.control, "head": self.model.vae.head})
+        )
         self.ema = moving_average(self.trainable, hp.ema_decay) if hp.ema_decay else None
 
     @property
@@ -148,13 +135,15 @@ class MedDelineaTask(SegmentationTask):
         state = checkpoint.get("state_dict", checkpoint)
         wanted = {k: v for k, v in state.items() if k.startswith(("model.control.", "model.vae.head."))}
         if not wanted:
-            raise ValueError(f"init_from {path} holds no MedDelinea control branch (no 'model.control.*' keys)")
+            raise OptionError(f"init_from {path} holds no MedDelinea control branch (no 'model.control.*' keys)")
         own = self.state_dict()
         wrong = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
         wrong += sorted(k for k in own if k.startswith(("model.control.", "model.vae.head.")) and k not in wanted)
         if wrong:
-            raise ValueError(f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
-                             f"control_blocks against the checkpoint's hyperparameters")
+            raise OptionError(
+                f"init_from {path} does not fit this model (e.g. {wrong[:3]}): check dit, vae and "
+                f"control_blocks against the checkpoint's hyperparameters"
+            )
         self.load_state_dict(wanted, strict=False)
         if self.ema is not None:  # the average starts from the loaded weights
             self.ema = moving_average(self.trainable, self.hparams.ema_decay)
@@ -207,32 +196,38 @@ class MedDelineaTask(SegmentationTask):
         return image_latent.to(image.device), mask_latent.to(image.device)  # all-hit batches come from disk
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """L_diff, L_seg and their weighted sum for one batch."""
-        image, mask, labelled = batch["image"], batch["mask"], batch["labelled"]
-        self.model.check_inputs(image, mask)
-        image_latent, mask_latent = self.latents(batch)
-        if self.hparams.zero_image:
-            image_latent = torch.zeros_like(image_latent)
-        n = image.shape[0]
-        timestep = training_timesteps(n, self.hparams.get("timestep_bias", 0.0), self.device, generator)
-        noise = torch.randn(mask_latent.shape, device=self.device, generator=generator, dtype=mask_latent.dtype)
-        noisy = self.model.add_noise(mask_latent, noise, timestep)
-        noise_pred = self.model.predict_noise(noisy, timestep, image_latent)
-        loss_diff = F.mse_loss(noise_pred.float(), noise.float())
-        loss_seg = self.segmentation_loss(noisy, noise_pred, timestep, mask, labelled)
-        return {"loss": loss_diff + self.hparams.seg_loss_weight * loss_seg, "loss_diff": loss_diff,
-                "loss_seg": loss_seg}
+        """The paper's losses for one batch: L_diff, L_seg and their weighted sum.
 
-    def segmentation_loss(self, noisy: torch.Tensor, noise_pred: torch.Tensor, timestep: torch.Tensor,
-                          mask: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-        """BCE + Dice of the decoded Tweedie estimate, over labelled classes, for samples with t < max."""
-        keep = timestep < self.hparams.seg_max_timestep
+        With Z_o and Z_m0 the frozen VAE's image and mask latents, t a training timestep and ε Gaussian noise::
+
+            Z_mt = √ᾱ_t Z_m0 + √(1 − ᾱ_t) ε              ε̂ = steered DiT(Z_mt, t | Z_o)
+            L_diff = |ε̂ − ε|²                            Ẑ_m0 = (Z_mt − √(1 − ᾱ_t) ε̂) / √ᾱ_t   (Tweedie)
+            L_seg = BCE + Dice(head(VAE decoder(Ẑ_m0)), mask)   for t < seg_max_timestep
+        """
+        mask, labelled = batch["mask"], batch["labelled"]
+        self.model.check_inputs(batch["image"], mask)
+        schedule = self.model.schedule
+        z_o, z_m0 = self.latents(batch)
+        if self.hparams.zero_image:
+            z_o = torch.zeros_like(z_o)
+        t = schedule.timesteps(len(mask), self.hparams.get("timestep_bias", 0.0), self.device, generator)
+        eps = torch.randn(z_m0.shape, device=self.device, generator=generator, dtype=z_m0.dtype)
+        z_mt = schedule.add_noise(z_m0, eps, t)
+        eps_hat = self.model.predict_noise(z_mt, t, z_o)
+        loss_diff = F.mse_loss(eps_hat.float(), eps.float())
+        keep = t < self.hparams.seg_max_timestep  # Tweedie divides by √ᾱ_t: near t = 999 its estimate is noise
         if self.hparams.seg_loss_weight == 0 or not keep.any():
             # Zero that still touches the head, so DDP sees a gradient for every trainable parameter.
-            return sum(p.sum() * 0.0 for p in self.model.vae.head.parameters())
-        latent0 = self.model.tweedie(noisy[keep], noise_pred[keep], timestep[keep])
-        logits = self.model.vae.decode_logits(latent0).float()  # (n, C, H, W)
-        return bce_dice_loss(logits, mask[keep], labelled[keep])
+            loss_seg = sum(p.sum() * 0.0 for p in self.model.vae.head.parameters())
+        else:
+            z_m0_hat = schedule.tweedie(z_mt[keep], eps_hat[keep], t[keep])
+            logits = self.model.vae.decode_logits(z_m0_hat).float()  # (n, C, H, W)
+            loss_seg = bce_dice_loss(logits, mask[keep], labelled[keep])
+        return {
+            "loss": loss_diff + self.hparams.seg_loss_weight * loss_seg,
+            "loss_diff": loss_diff,
+            "loss_seg": loss_seg,
+        }
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -242,8 +237,9 @@ class MedDelineaTask(SegmentationTask):
         return self.losses(batch, generator=generator)
 
     @torch.no_grad()
-    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_probabilities(
+        self, image: torch.Tensor, seeds: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities (N, C, h, w) and uncertainty (N, h, w) of windows, by sampling; window ``i``'s noise
         (and its ensemble's) comes from ``seeds[i]`` (default: its index)."""
         with self.ema_weights():
@@ -251,16 +247,19 @@ class MedDelineaTask(SegmentationTask):
 
     def _sample(self, image: torch.Tensor, seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = resolve_inference_dtype(self.hparams.get("inference_dtype", "auto"), image.device)
-        with autocast_to(image.device, dtype):
-            image_latent = self.model.vae.encode(image)
-        if self.hparams.zero_image:
-            image_latent = torch.zeros_like(image_latent)
         seeds = list(range(len(image))) if seeds is None else seeds
         ensemble = self.hparams.ensemble
         generators = [torch.Generator(self.device).manual_seed(seed * ensemble + e) for seed in seeds
                       for e in range(ensemble)]  # fmt: skip
-        return self.model.sample(image, scheduler=self.hparams.sampler, steps=self.hparams.sampling_steps,
-                                 ensemble=ensemble, generator=generators, image_latent=image_latent, dtype=dtype)
+        return self.model.sample(
+            image,
+            scheduler=self.hparams.sampler,
+            steps=self.hparams.sampling_steps,
+            ensemble=ensemble,
+            generator=generators,
+            zero_image=self.hparams.zero_image,
+            dtype=dtype,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -285,8 +284,10 @@ class MedDelineaTask(SegmentationTask):
             return
         expected = checkpoint.get("delinea_frozen_fingerprint")
         if expected is not None and expected != self.frozen_fingerprint():
-            raise ValueError("the checkpoint was trained on other frozen backbones than the ones loaded from "
-                             f"dit={self.hparams.dit!r} and vae={self.hparams.vae!r}")
+            raise OptionError(
+                "the checkpoint was trained on other frozen backbones than the ones loaded from "
+                f"dit={self.hparams.dit!r} and vae={self.hparams.vae!r}"
+            )
         own = self.state_dict()
         state.update({k: own[k] for k in missing})
 
@@ -300,17 +301,7 @@ class MedDelineaTask(SegmentationTask):
         return digest.hexdigest()[:16]
 
 
-def training_timesteps(n: int, bias: float, device: torch.device,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` integer timesteps in [0, 1000) with density ∝ t^bias (bias 0: uniform, as DiT trains)."""
-    if bias == 0:
-        return torch.randint(0, 1000, (n,), device=device, generator=generator)
-    u = torch.rand(n, device=device, generator=generator)
-    return (u ** (1 / (bias + 1)) * 1000).long().clamp(max=999)  # inverse CDF of t^bias
-
-
 def _existing(path: str, what: str) -> Path:
     if not Path(path).exists():
         raise FileNotFoundError(f"{what}={path!r} is neither a preset nor an existing path")
     return Path(path)
-

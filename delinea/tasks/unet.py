@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from monai.networks.nets import UNet
 
+from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.tasks.base import SegmentationTask, bce_dice_loss
 
@@ -44,21 +45,31 @@ class UNetTask(SegmentationTask):
         val_metrics: bool = False,
     ) -> None:
         if len(channels) < 2:
-            raise ValueError(f"channels {channels} needs at least two levels")
-        super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         window_overlap=window_overlap, val_metrics=val_metrics)
+            raise OptionError(f"channels {channels} needs at least two levels")
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps,
+            window_overlap=window_overlap,
+            val_metrics=val_metrics,
+        )
 
     @property
     def size_multiple(self) -> int:
         return 2 ** (len(self.hparams.channels) - 1)
 
     def configure_models(self) -> None:
-        if hasattr(self, "model"):
-            return
         channels = list(self.hparams.channels)
-        self.model = UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, channels=channels,
-                          strides=[2] * (len(channels) - 1), num_res_units=self.hparams.num_res_units,
-                          dropout=self.hparams.dropout)
+        self.model = UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=NUM_CLASSES,
+            channels=channels,
+            strides=[2] * (len(channels) - 1),
+            num_res_units=self.hparams.num_res_units,
+            dropout=self.hparams.dropout,
+        )
 
     def load_parent(self, checkpoint: dict[str, Any], path: str) -> None:
         """Fine-tuning: start from ``init_from``'s weights (a UNetTask checkpoint)."""
@@ -67,15 +78,18 @@ class UNetTask(SegmentationTask):
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as error:
-            raise ValueError(f"init_from {path} does not fit this UNet (channels, num_res_units): "
-                             f"{str(error).splitlines()[0]}") from error
+            raise OptionError(
+                f"init_from {path} does not fit this UNet (channels, num_res_units): {str(error).splitlines()[0]}"
+            ) from error
 
     def _check(self, image: torch.Tensor) -> None:
         if image.ndim != 4 or image.shape[1] != 1:
-            raise ValueError(f"image must be (N, 1, H, W), got shape {tuple(image.shape)}")
+            raise OptionError(f"image must be (N, 1, H, W), got shape {tuple(image.shape)}")
         if image.shape[-1] % self.size_multiple or image.shape[-2] % self.size_multiple:
-            raise ValueError(f"image size {image.shape[-2]}x{image.shape[-1]} is not divisible by "
-                             f"{self.size_multiple} (2 ** UNet levels)")
+            raise OptionError(
+                f"image size {image.shape[-2]}x{image.shape[-1]} is not divisible by "
+                f"{self.size_multiple} (2 ** UNet levels)"
+            )
 
     def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         self._check(batch["image"])
@@ -83,8 +97,9 @@ class UNetTask(SegmentationTask):
         return {"loss": loss}
 
     @torch.no_grad()
-    def predict_probabilities(self, image: torch.Tensor, seeds: list[int] | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_probabilities(
+        self, image: torch.Tensor, seeds: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(image)
         probabilities = self.model(image).float().softmax(1)
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)

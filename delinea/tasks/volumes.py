@@ -51,9 +51,15 @@ class VolumeAssembler:
         self.geometry_of = geometry_of
         self.open: dict[str, PredictedCase] = {}
 
-    def add(self, case_ids: Sequence[str], slice_indices: torch.Tensor, probabilities: torch.Tensor,
-            uncertainty: torch.Tensor, regions: torch.Tensor | None = None,
-            boxes: torch.Tensor | None = None) -> list[PredictedCase]:
+    def add(
+        self,
+        case_ids: Sequence[str],
+        slice_indices: torch.Tensor,
+        probabilities: torch.Tensor,
+        uncertainty: torch.Tensor,
+        regions: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> list[PredictedCase]:
         """Add a batch of slices (N, C, h, w) + (N, h, w) on lattice ``regions`` (N, 5) covering the scan's voxels
         ``boxes`` (N, 4) ``(x0, x1, y0, y1)``; without them the slices must be on the scan's own grid. Returns the
         cases this batch completed."""
@@ -62,8 +68,9 @@ class VolumeAssembler:
             if case_id not in self.open:
                 geometry = self.geometry_of(case_id)
                 shape = geometry.canonical_shape
-                self.open[case_id] = PredictedCase(case_id, geometry, np.zeros(shape, np.uint8),
-                                                   np.zeros(shape, np.float16))
+                self.open[case_id] = PredictedCase(
+                    case_id, geometry, np.zeros(shape, np.uint8), np.zeros(shape, np.float16)
+                )
             entry = self.open[case_id]
             x, y, z = entry.labels.shape
             k = int(slice_indices[i])
@@ -72,8 +79,10 @@ class VolumeAssembler:
             both = torch.cat([probabilities[i].float(), uncertainty[i, None].float()], 0).cpu()  # (C + 1, h, w)
             if regions is None:
                 if tuple(both.shape[-2:]) != (x, y):
-                    raise ValueError(f"slice of {tuple(both.shape[-2:])} for case {case_id!r} of in-plane size "
-                                     f"{(x, y)}: pass the lattice regions the datamodule serves")
+                    raise ValueError(
+                        f"slice of {tuple(both.shape[-2:])} for case {case_id!r} of in-plane size "
+                        f"{(x, y)}: pass the lattice regions the datamodule serves"
+                    )
                 x0, x1, y0, y1, native = 0, x, 0, y, both
             else:
                 x0, x1, y0, y1 = (int(v) for v in boxes[i]) if boxes is not None else (0, x, 0, y)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from delinea.datamodules import synthetic
-from delinea.datamodules.synthetic import Phantom
+from delinea.testing import phantoms
+from delinea.testing.phantoms import Phantom
 
 Layout = tuple[Path, dict[str, Phantom]]
 
@@ -21,33 +21,33 @@ def _make(factory: pytest.TempPathFactory, name: str, write: Callable[[Path], di
 
 @pytest.fixture(scope="session")
 def btcv(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    return _make(tmp_path_factory, "btcv", lambda r: synthetic.write_btcv(r, n=5))
+    return _make(tmp_path_factory, "btcv", lambda r: phantoms.write_btcv(r, n=5))
 
 
 @pytest.fixture(scope="session")
 def amos(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    return _make(tmp_path_factory, "amos", lambda r: synthetic.write_amos(r, n_ct=7, n_mr=3))
+    return _make(tmp_path_factory, "amos", lambda r: phantoms.write_amos(r, n_ct=7, n_mr=3))
 
 
 @pytest.fixture(scope="session")
 def atlas8k(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    return _make(tmp_path_factory, "atlas8k", lambda r: synthetic.write_atlas8k(r, n=10))
+    return _make(tmp_path_factory, "atlas8k", lambda r: phantoms.write_atlas8k(r, n=10))
 
 
 @pytest.fixture(scope="session")
 def cirrmri600(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    return _make(tmp_path_factory, "cirrmri600", lambda r: synthetic.write_cirrmri600(r, n_t1=5, n_t2=5))
+    return _make(tmp_path_factory, "cirrmri600", lambda r: phantoms.write_cirrmri600(r, n_t1=5, n_t2=5))
 
 
 @pytest.fixture(scope="session")
 def panseg(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    return _make(tmp_path_factory, "panseg", lambda r: synthetic.write_panseg(r, n_t1=5, n_t2=5))
+    return _make(tmp_path_factory, "panseg", lambda r: phantoms.write_panseg(r, n_t1=5, n_t2=5))
 
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     cases = {f"case{i:02d}": ("ct" if i % 2 else "mr") for i in range(20)}
-    return _make(tmp_path_factory, "folder", lambda r: synthetic.write_folder(r, cases))
+    return _make(tmp_path_factory, "folder", lambda r: phantoms.write_folder(r, cases))
 
 
 @pytest.fixture

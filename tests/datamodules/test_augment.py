@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from delinea.datamodules import BTCVDataModule
-from delinea.datamodules.synthetic import Phantom
 from delinea.labels import ORGAN_IDS
+from delinea.testing.phantoms import Phantom
 
 Layout = tuple[Path, dict[str, Phantom]]
 
@@ -28,7 +28,10 @@ def test_augmentation_varies_keeps_range_and_never_flips_sides(btcv: Layout) -> 
         assert sample["image"].min() >= -1 and sample["image"].max() <= 1 and sample["cache_key"] == ""
         assert sample["mask"].dtype == torch.int64 and set(sample["mask"].unique().tolist()) <= set(range(9))
         changed += not torch.equal(sample["image"], reference["image"])
-        rows = {k: torch.nonzero(sample["mask"] == ORGAN_IDS[k])[:, 0].float().mean() for k in ("kidney_left", "kidney_right")}
+        rows = {
+            k: torch.nonzero(sample["mask"] == ORGAN_IDS[k])[:, 0].float().mean()
+            for k in ("kidney_left", "kidney_right")
+        }
         if not any(torch.isnan(v) for v in rows.values()):
             left_of_right.append(bool(rows["kidney_left"] < rows["kidney_right"]))  # H is RAS x: left is smaller
         # The mask moves with the image: kidneys (bright in CT) stay bright under the warped mask.

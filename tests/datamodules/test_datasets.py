@@ -21,13 +21,18 @@ from delinea.datamodules import (
     Plan,
 )
 from delinea.datamodules.splits import default_split_path
-from delinea.datamodules.synthetic import Phantom
 from delinea.labels import ORGAN_IDS, ORGANS
 from delinea.tasks.volumes import VolumeAssembler
+from delinea.testing.phantoms import Phantom
 
 Layout = tuple[Path, dict[str, Phantom]]
 
-MULTI = [("btcv", BTCVDataModule), ("amos", AMOSDataModule), ("atlas8k", Atlas8kDataModule), ("folder", FolderDataModule)]
+MULTI = [
+    ("btcv", BTCVDataModule),
+    ("amos", AMOSDataModule),
+    ("atlas8k", Atlas8kDataModule),
+    ("folder", FolderDataModule),
+]
 ALL = [*MULTI, ("cirrmri600", CirrMRI600DataModule), ("panseg", PanSegDataModule)]
 
 
@@ -43,7 +48,9 @@ def _dm(cls: type[LabelledDataModule], root: Path, **kwargs) -> LabelledDataModu
     ("panseg", PanSegDataModule, (8, 1, 1)),
     ("folder", FolderDataModule, (16, 2, 2)),
 ])  # fmt: skip
-def test_split_sizes_determinism_and_reuse(request: pytest.FixtureRequest, fixture: str, cls: type, sizes: tuple) -> None:
+def test_split_sizes_determinism_and_reuse(
+    request: pytest.FixtureRequest, fixture: str, cls: type, sizes: tuple
+) -> None:
     root, phantoms = request.getfixturevalue(fixture)
     dm = _dm(cls, root)
     split = dm.split
@@ -69,7 +76,10 @@ def test_labels_match_the_source_voxel_for_voxel(request: pytest.FixtureRequest,
         assert case.label is not None and case.label.dtype == np.uint8 and case.label.shape == (24, 20, 6)
         # Canonical unified label equals the phantom, whatever the stored orientation and source ids.
         np.testing.assert_array_equal(case.label, phantom.label)
-        assert np.bincount(case.label.ravel(), minlength=9).tolist() == np.bincount(phantom.label.ravel(), minlength=9).tolist()
+        assert (
+            np.bincount(case.label.ravel(), minlength=9).tolist()
+            == np.bincount(phantom.label.ravel(), minlength=9).tolist()
+        )
         assert case.image.dtype == np.float32 and case.image.min() >= -1 and case.image.max() <= 1
         assert case.spacing == pytest.approx((1.6, 1.4, 3.0))
         np.testing.assert_allclose(case.geometry.canonical_affine, phantom.affine, atol=1e-5)
@@ -135,12 +145,17 @@ def test_amos_modality_filter(amos: Layout) -> None:
     assert ct.train_cases() and all(phantoms[c].modality == "ct" for c in ct.train_cases() + ct.val_cases())
     assert {ct.load_case(c).modality for c in phantoms} == {"ct", "mr"}  # modality from the id
     with pytest.raises(ValueError, match="modality must be 'ct', 'mr' or 'both', got 'pet'"):
-        AMOSDataModule(root=str(root), modality="pet")  # type: ignore[arg-type]
+        AMOSDataModule(root=str(root), modality="pet")  # type: ignore[arg-type]  # the bad value under test
 
 
-@pytest.mark.parametrize(("fixture", "cls", "organ"), [("cirrmri600", CirrMRI600DataModule, "liver"), ("panseg", PanSegDataModule, "pancreas")])
-def test_single_organ_sets_sequence_filter_and_labelled(request: pytest.FixtureRequest, fixture: str, cls: type, organ: str) -> None:
-    root, phantoms = request.getfixturevalue(fixture)
+@pytest.mark.parametrize(
+    ("fixture", "cls", "organ"),
+    [("cirrmri600", CirrMRI600DataModule, "liver"), ("panseg", PanSegDataModule, "pancreas")],
+)
+def test_single_organ_sets_sequence_filter_and_labelled(
+    request: pytest.FixtureRequest, fixture: str, cls: type, organ: str
+) -> None:
+    root, _phantoms = request.getfixturevalue(fixture)
     t1 = _dm(cls, root, sequence="t1")
     t2 = _dm(cls, root, sequence="t2")
     t1.setup("fit")
@@ -161,7 +176,7 @@ def test_multi_organ_sets_label_every_class(btcv: Layout) -> None:
 
 
 def test_cirrmri_masks_of_255_are_liver(tmp_path: Path) -> None:
-    from delinea.datamodules.synthetic import write_cirrmri600
+    from delinea.testing.phantoms import write_cirrmri600
 
     phantoms = write_cirrmri600(tmp_path, n_t1=1, n_t2=0)
     import nibabel as nib
@@ -200,8 +215,8 @@ def test_folder_auto_modality_and_all_split(folder: Layout) -> None:
 
 
 def test_folder_label_table(tmp_path: Path) -> None:
-    from delinea.datamodules.synthetic import make_phantom, write_case
     from delinea.labels import TOTALSEG_CT
+    from delinea.testing.phantoms import make_phantom, write_case
 
     phantom = make_phantom(0, "ct", "LPS")
     write_case(phantom, tmp_path / "images/a.nii.gz", tmp_path / "labels/a.nii.gz", TOTALSEG_CT)
@@ -217,7 +232,9 @@ def test_root_from_environment(btcv: Layout, monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("DELINEA_DATA", str(tmp_path))
     assert BTCVDataModule().root == tmp_path / "btcv"
     monkeypatch.delenv("DELINEA_DATA")
-    with pytest.raises(ValueError, match=r"btcv: no root given; pass root=\.\.\. or set DELINEA_BTCV_ROOT.*RawData/Training/img"):
+    with pytest.raises(
+        ValueError, match=r"btcv: no root given; pass root=\.\.\. or set DELINEA_BTCV_ROOT.*RawData/Training/img"
+    ):
         BTCVDataModule()
     for name in ("atlas8k", "amos", "cirrmri600", "panseg"):
         assert DATAMODULES[name].env_var() == f"DELINEA_{name.upper()}_ROOT"
@@ -279,13 +296,18 @@ def test_eval_loaders_are_case_by_case_in_slice_order(amos: Layout) -> None:
             assert len(set(batch["case_id"])) == 1
             seen += list(zip(batch["case_id"], batch["slice_index"].tolist()))
             onehot = torch.nn.functional.one_hot(batch["mask"], 9).permute(0, 3, 1, 2).float()
-            for case in assembler.add(batch["case_id"], batch["slice_index"], onehot, onehot[:, 0], batch["region"],
-                                      batch["box"]):
+            for case in assembler.add(
+                batch["case_id"], batch["slice_index"], onehot, onehot[:, 0], batch["region"], batch["box"]
+            ):
                 # the served masks, stacked and resampled back to the case's own grid, give its label (up to the
                 # edges of these tiny phantoms' organs, some of them 3 pixels across)
                 label = dm.load_case(case.case_id).label
                 for organ in np.unique(label[label > 0]):
-                    dice = 2 * ((case.labels == organ) & (label == organ)).sum() / ((case.labels == organ).sum() + (label == organ).sum())
+                    dice = (
+                        2
+                        * ((case.labels == organ) & (label == organ)).sum()
+                        / ((case.labels == organ).sum() + (label == organ).sum())
+                    )
                     assert dice >= 0.75, (case.case_id, organ, dice)
         assert seen == [(c, k) for c in cases for k in range(6)] and not assembler.incomplete()
 
@@ -297,7 +319,9 @@ def test_atlas_has_no_test_split(atlas8k: Layout) -> None:
         dm.test_dataloader()
 
 
-def test_case_index_is_reused_and_refreshed_when_files_change(btcv_copy: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_case_index_is_reused_and_refreshed_when_files_change(
+    btcv_copy: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
 
     import delinea.datamodules.index as index_module

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from delinea.datamodules import BTCVDataModule
-from delinea.datamodules.synthetic import Phantom
+from delinea.testing.phantoms import Phantom
 
 Layout = tuple[Path, dict[str, Phantom]]
 

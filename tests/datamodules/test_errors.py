@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from delinea.datamodules import Atlas8kDataModule, BTCVDataModule, DatasetError
-from delinea.datamodules.synthetic import Phantom, write_atlas8k
+from delinea.testing.phantoms import Phantom, write_atlas8k
 
 Layout = tuple[Path, dict[str, Phantom]]
 IMG = "RawData/Training/img"
@@ -88,7 +88,7 @@ def test_skip_bad_cases_skips_and_lists(btcv_copy: Layout, kind: str) -> None:
 
 
 def test_unknown_label_ids_raise_or_are_ignored(btcv_copy: Layout) -> None:
-    root, phantoms = btcv_copy
+    root, _phantoms = btcv_copy
     path = root / LABEL / "label0002.nii.gz"
     data = np.asanyarray(nib.load(str(path)).dataobj).copy()
     data[0, 0, 0], data[1, 0, 0] = 42, 17
@@ -114,7 +114,9 @@ def test_non_integer_labels_are_refused(btcv_copy: Layout) -> None:
 
 
 def test_missing_or_empty_root(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=rf"btcv: root {tmp_path / 'nope'} is not a folder\. Expected layout: <root>/RawData"):
+    with pytest.raises(
+        DatasetError, match=rf"btcv: root {tmp_path / 'nope'} is not a folder\. Expected layout: <root>/RawData"
+    ):
         BTCVDataModule(root=str(tmp_path / "nope"))
     with pytest.raises(DatasetError, match=rf"btcv: no cases found in {tmp_path}\. Expected layout"):
         BTCVDataModule(root=str(tmp_path)).setup("fit")
@@ -129,7 +131,10 @@ def test_atlas_missing_organ_file_and_label_only_cases(tmp_path: Path) -> None:
     write_atlas8k(tmp_path, n=4, per_organ=True)
     (tmp_path / "BDMAP_00000002/segmentations/pancreas.nii.gz").unlink()
     (tmp_path / "BDMAP_00000003/ct.nii.gz").unlink()  # AbdomenAtlas 1.1 cases that ship labels only
-    with pytest.raises(DatasetError, match=r"BDMAP_00000002/segmentations/pancreas\.nii\.gz is missing|BDMAP_00000003/ct\.nii\.gz is missing"):
+    with pytest.raises(
+        DatasetError,
+        match=r"BDMAP_00000002/segmentations/pancreas\.nii\.gz is missing|BDMAP_00000003/ct\.nii\.gz is missing",
+    ):
         dm = Atlas8kDataModule(root=str(tmp_path), resolution=32)
         dm.setup("fit")
     dm = Atlas8kDataModule(root=str(tmp_path), resolution=32, skip_bad_cases=True)
@@ -142,10 +147,10 @@ def test_split_file_naming_unknown_cases(btcv: Layout, tmp_path: Path) -> None:
     split = tmp_path / "split.json"
     split.write_text('{"train": ["0001", "9999"], "val": [], "test": []}')
     with pytest.raises(DatasetError, match=r"split\.json: the split names 1 case\(s\) not found.*9999"):
-        _dm(btcv[0], split_file=str(split)).split
+        _ = _dm(btcv[0], split_file=str(split)).split
     split.write_text("not json")
     with pytest.raises(DatasetError, match=r"split\.json: cannot read the split file"):
-        _dm(btcv[0], split_file=str(split)).split
+        _ = _dm(btcv[0], split_file=str(split)).split
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
@@ -159,5 +164,3 @@ def test_split_file_naming_unknown_cases(btcv: Layout, tmp_path: Path) -> None:
 def test_arguments_are_validated_early(btcv: Layout, kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         BTCVDataModule(root=str(btcv[0]), **kwargs)
-
-

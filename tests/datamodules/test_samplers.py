@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from delinea.datamodules import BTCVDataModule, FolderDataModule, SliceBatchSampler
-from delinea.datamodules.synthetic import Phantom
+from delinea.testing.phantoms import Phantom
 
 Layout = tuple[Path, dict[str, Phantom]]
 
@@ -66,7 +66,9 @@ def test_two_ranks_get_disjoint_complete_training_shards(lanes: int) -> None:
     case_of = _case_of([6, 4, 8, 6])  # 24 samples: divisible by 2 ranks, no padding
     shards = []
     for rank in range(2):
-        sampler = SliceBatchSampler(batch_size=5, case_of=case_of, shuffle=True, seed=3, lanes=lanes, num_replicas=2, rank=rank)
+        sampler = SliceBatchSampler(
+            batch_size=5, case_of=case_of, shuffle=True, seed=3, lanes=lanes, num_replicas=2, rank=rank
+        )
         shards.append(_flat(sampler))
         assert len(sampler) == len(list(sampler))
     assert set(shards[0]).isdisjoint(shards[1])
@@ -76,7 +78,9 @@ def test_two_ranks_get_disjoint_complete_training_shards(lanes: int) -> None:
 
 def test_uneven_training_shards_pad_like_distributed_sampler() -> None:
     case_of = _case_of([5, 4, 4])  # 13 samples over 3 ranks: 5 each, 2 repeated
-    samplers = [SliceBatchSampler(batch_size=2, case_of=case_of, shuffle=True, num_replicas=3, rank=r) for r in range(3)]
+    samplers = [
+        SliceBatchSampler(batch_size=2, case_of=case_of, shuffle=True, num_replicas=3, rank=r) for r in range(3)
+    ]
     shards = [_flat(s) for s in samplers]
     assert [len(s) for s in shards] == [5, 5, 5] and len({len(s) for s in samplers}) == 1
     counts = Counter(i for s in shards for i in s)
@@ -98,7 +102,10 @@ def test_evaluation_shards_are_whole_cases_in_order() -> None:
 
 def test_fewer_evaluation_cases_than_ranks_repeat_a_case_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="1 evaluation case.*for 3 ranks.*deduplicate"):
-        samplers = [SliceBatchSampler(batch_size=2, case_of=_case_of([3]), shuffle=False, num_replicas=3, rank=r) for r in range(3)]
+        samplers = [
+            SliceBatchSampler(batch_size=2, case_of=_case_of([3]), shuffle=False, num_replicas=3, rank=r)
+            for r in range(3)
+        ]
     assert [_flat(s) for s in samplers] == [[0, 1, 2]] * 3
 
 
@@ -107,7 +114,9 @@ def test_distributed_sampler_argument_sets_the_shard() -> None:
     injected = DistributedSampler(range(12), num_replicas=2, rank=1, shuffle=False)
     sampler = SliceBatchSampler(injected, batch_size=3, case_of=case_of, shuffle=True)
     assert (sampler.num_replicas, sampler.rank) == (2, 1)
-    assert _flat(sampler) == _flat(SliceBatchSampler(batch_size=3, case_of=case_of, shuffle=True, num_replicas=2, rank=1))
+    assert _flat(sampler) == _flat(
+        SliceBatchSampler(batch_size=3, case_of=case_of, shuffle=True, num_replicas=2, rank=1)
+    )
 
 
 def test_lightning_injects_its_distributed_sampler(btcv: Layout) -> None:

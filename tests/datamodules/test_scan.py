@@ -12,9 +12,9 @@ import torch
 
 from delinea.datamodules import DatasetError, Plan, ScanDataModule
 from delinea.datamodules.plan import Region
-from delinea.datamodules.synthetic import make_phantom, write_dicom_series
 from delinea.io import save_nifti
 from delinea.tasks.volumes import VolumeAssembler
+from delinea.testing.phantoms import make_phantom, write_dicom_series
 
 
 def _write(path: Path, orientation: str = "LPS", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -43,22 +43,30 @@ def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
 
 
 def test_folder_of_scans_and_prediction_written_on_the_input_grid(tmp_path: Path) -> None:
-    stored = {name: _write(tmp_path / "in" / f"{name}.nii.gz", o, i) for i, (name, o) in enumerate([("a", "PSL"), ("b", "LPI")])}
+    stored = {
+        name: _write(tmp_path / "in" / f"{name}.nii.gz", o, i)
+        for i, (name, o) in enumerate([("a", "PSL"), ("b", "LPI")])
+    }
     dm = ScanDataModule(str(tmp_path / "in"), resolution=48, batch_size=5, spacing=1.0)
     assembler = VolumeAssembler(dm.case_geometry)
     done = {}
     for batch in dm.predict_dataloader():
         bright = (batch["image"] > 0).float()  # a "prediction": class 1 where the image is bright
         probabilities = torch.cat([1 - bright, bright], 1)
-        for case in assembler.add(batch["case_id"], batch["slice_index"], probabilities, bright[:, 0], batch["region"],
-                                  batch["box"]):
+        for case in assembler.add(
+            batch["case_id"], batch["slice_index"], probabilities, bright[:, 0], batch["region"], batch["box"]
+        ):
             done[case.case_id] = case
     assert list(done) == ["a", "b"] and not assembler.incomplete()
     for case_id, predicted in done.items():
         case = dm.load_case(case_id)
         assert predicted.geometry.canonical_shape == case.geometry.canonical_shape
         volume = predicted.labels
-        out = save_nifti(case.geometry.to_original(volume).astype(np.uint8), case.geometry.original_affine, tmp_path / "out" / f"{case_id}.nii.gz")
+        out = save_nifti(
+            case.geometry.to_original(volume).astype(np.uint8),
+            case.geometry.original_affine,
+            tmp_path / "out" / f"{case_id}.nii.gz",
+        )
         written = nib.load(str(out))
         image, affine = stored[case_id]
         assert written.shape == image.shape
@@ -99,7 +107,7 @@ def test_bad_scan_inputs(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"bad\.nii\.gz: cannot read as NIfTI"):
         ScanDataModule(str(bad)).setup("predict")
     with pytest.raises(ValueError, match="modality must be 'ct', 'mr' or 'auto'"):
-        ScanDataModule(str(bad), modality="xray")  # type: ignore[arg-type]
+        ScanDataModule(str(bad), modality="xray")  # type: ignore[arg-type]  # the bad value under test
 
 
 class _MeanModel(pl.LightningModule):
@@ -114,9 +122,12 @@ class _MeanModel(pl.LightningModule):
 def test_lightning_predict_gets_every_slice_in_order(tmp_path: Path) -> None:
     _write(tmp_path / "s" / "one.nii.gz")
     _write(tmp_path / "s" / "two.nii.gz", "RAS", 1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    out = trainer.predict(_MeanModel(), datamodule=ScanDataModule(str(tmp_path / "s"), resolution=32, batch_size=4,
-                                                                  spacing=2.0))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    out = trainer.predict(
+        _MeanModel(), datamodule=ScanDataModule(str(tmp_path / "s"), resolution=32, batch_size=4, spacing=2.0)
+    )
     assert [x for batch in out for x in batch] == [(c, k) for c in ("one", "two") for k in range(6)]
 
 

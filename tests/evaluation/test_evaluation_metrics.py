@@ -13,11 +13,11 @@ from monai.metrics import compute_average_surface_distance, compute_hausdorff_di
 from scipy import ndimage
 
 from delinea.evaluation.metrics import (
+    assd,
     case_metrics,
     empty_penalty,
     hd95,
     hd95_pooled,
-    assd,
     surface_distances,
 )
 from delinea.labels import FOREGROUND, NUM_CLASSES, only_labelled

@@ -30,9 +30,9 @@ def _case(status_default: str, **organs: tuple[float, float, float, str]) -> dic
     for organ in FOREGROUND:
         if organ in organs:
             d, h, a, s = organs[organ]
-            out[organ] = OrganMetrics(dice=d, hd95=h, assd=a, status=s)  # type: ignore
+            out[organ] = OrganMetrics(dice=d, hd95=h, assd=a, status=s)  # type: ignore[typeddict-item]  # status from a str table
         else:
-            out[organ] = OrganMetrics(dice=NAN, hd95=NAN, assd=NAN, status=status_default)  # type: ignore
+            out[organ] = OrganMetrics(dice=NAN, hd95=NAN, assd=NAN, status=status_default)  # type: ignore[typeddict-item]  # as above
     return out
 
 
@@ -91,7 +91,7 @@ def test_writers_and_overwrite_refusal(tmp_path: Path) -> None:
     assert {"dice", "hd95", "assd", "n"} <= summary["organs"]["liver"].keys()
     before = paths["markdown"].read_text()
     paths["csv"].unlink()  # a refusal must leave everything untouched even if only one file exists
-    with pytest.raises(FileExistsError, match="metrics_summary.json"):
+    with pytest.raises(FileExistsError, match=r"metrics_summary\.json"):
         write_reports(rows[:3], tmp_path / "run")
     assert not paths["csv"].exists() and paths["markdown"].read_text() == before
     write_reports(rows[:8], tmp_path / "run", overwrite=True)
@@ -135,7 +135,7 @@ def test_save_overlays_writes_png(tmp_path: Path) -> None:
     path = save_overlays(image, gt, pred, tmp_path / "fig" / "case0", n_slices=3, spacing=(0.8, 0.8, 3.0))
     assert path == tmp_path / "fig" / "case0.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(FileExistsError, match="case0.png"):
+    with pytest.raises(FileExistsError, match=r"case0\.png"):
         save_overlays(image, gt, pred, tmp_path / "fig" / "case0")
     # no ground truth (predict) and nothing predicted: still a figure, of the middle slice
     empty = save_overlays(image, None, np.zeros_like(gt), tmp_path / "empty")

@@ -1,4 +1,5 @@
-"""Tiny synthetic abdominal volumes written in each dataset's on-disk layout, for tests and benchmarks.
+"""Tiny synthetic abdominal volumes written in each dataset's on-disk layout, for tests and benchmarks (test
+fixtures: nothing in the library imports this module).
 
 Organs are ellipsoids at anatomically plausible places in canonical RAS+ voxel space (axis 0 towards the
 patient's right, 1 anterior, 2 superior): liver and right kidney at large x, spleen and left kidney at small
@@ -10,7 +11,7 @@ datamodule's case id, so tests can compare exact voxel counts.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,9 @@ class Phantom:
 
     def stored(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``array`` (canonical) as stored in ``orientation``, with the stored affine."""
-        ornt = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), orientations.axcodes2ornt(self.orientation))
+        ornt = orientations.ornt_transform(
+            orientations.axcodes2ornt("RAS"), orientations.axcodes2ornt(self.orientation)
+        )
         out = orientations.apply_orientation(array, ornt)
         return np.ascontiguousarray(out), self.affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
@@ -102,8 +105,8 @@ def make_phantom(
         image = np.where(body, 250.0, 5.0) + np.abs(rng.normal(0, 10, shape))
     values = HU if modality == "ct" else MR
     for name in organs if organs is not None else ORGAN_BLOBS:
-        centre, radii = ORGAN_BLOBS[name]
-        centre = np.asarray(centre) + rng.uniform(-0.02, 0.02, 3)
+        nominal, radii = ORGAN_BLOBS[name]
+        centre = np.asarray(nominal) + rng.uniform(-0.02, 0.02, 3)
         inside = (((grid - centre) / np.asarray(radii)) ** 2).sum(-1) <= 1
         label[inside] = ORGAN_IDS[name]
         image[inside] = values[name] + rng.normal(0, 5, int(inside.sum()))
@@ -137,7 +140,12 @@ def write_case(
 ) -> None:
     """Write a phantom's image and label (in source ids: via ``table``, or ``binary`` 0/1 of the organs)."""
     image, affine = phantom.stored(phantom.image)
-    _save(np.round(image) if phantom.modality == "ct" else image, affine, image_path, np.int16 if phantom.modality == "ct" else np.float32)
+    _save(
+        np.round(image) if phantom.modality == "ct" else image,
+        affine,
+        image_path,
+        np.int16 if phantom.modality == "ct" else np.float32,
+    )
     if label_path is None:
         return
     if binary:
@@ -152,7 +160,9 @@ def _orientation(i: int, orientations_: Sequence[str]) -> str:
     return orientations_[i % len(orientations_)]
 
 
-def write_btcv(root: str | Path, n: int = 5, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS) -> dict[str, Phantom]:
+def write_btcv(
+    root: str | Path, n: int = 5, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS
+) -> dict[str, Phantom]:
     """BTCV RawData layout; ids 0001...; IVC (id 9) as the extra structure."""
     base = Path(root) / "RawData" / "Training"
     out = {}
@@ -175,13 +185,19 @@ def write_amos(
         case = f"amos_{number:04d}"
         part = "Va" if j % 3 == 2 else "Tr"
         phantom = make_phantom(seed + j, modality, _orientation(j, orientations_))
-        write_case(phantom, root / f"images{part}" / f"{case}.nii.gz", root / f"labels{part}" / f"{case}.nii.gz", AMOS, 13)
+        write_case(
+            phantom, root / f"images{part}" / f"{case}.nii.gz", root / f"labels{part}" / f"{case}.nii.gz", AMOS, 13
+        )
         out[case] = phantom
     return out
 
 
 def write_atlas8k(
-    root: str | Path, n: int = 10, seed: int = 0, per_organ: bool | None = None, orientations_: Sequence[str] = ORIENTATIONS
+    root: str | Path,
+    n: int = 10,
+    seed: int = 0,
+    per_organ: bool | None = None,
+    orientations_: Sequence[str] = ORIENTATIONS,
 ) -> dict[str, Phantom]:
     """AbdomenAtlas layout: ``combined_labels.nii.gz`` (1.0, postcava 7 extra) or ``segmentations/`` (1.1);
     ``per_organ=None`` alternates between the two."""
@@ -192,7 +208,9 @@ def write_atlas8k(
         phantom = make_phantom(seed + i, "ct", _orientation(i, orientations_))
         folder = root / case
         organ_files = per_organ if per_organ is not None else bool(i % 2)
-        write_case(phantom, folder / "ct.nii.gz", None if organ_files else folder / "combined_labels.nii.gz", ATLAS8K, 7)
+        write_case(
+            phantom, folder / "ct.nii.gz", None if organ_files else folder / "combined_labels.nii.gz", ATLAS8K, 7
+        )
         if organ_files:
             for name, unified in {**ATLAS8K_FILES, "postcava": None}.items():
                 mask = phantom.extra if unified is None else phantom.label == unified
@@ -202,48 +220,67 @@ def write_atlas8k(
     return out
 
 
+def _single_organ(phantom: Phantom, organ: str) -> Phantom:
+    """The phantom with only ``organ`` labelled (what a single-organ dataset's masks hold)."""
+    label = np.where(phantom.label == ORGAN_IDS[organ], ORGAN_IDS[organ], 0).astype(np.uint8)
+    return Phantom(phantom.image, label, phantom.extra, phantom.affine, phantom.orientation, "mr")
+
+
+def _write_sequences(
+    root: Path,
+    counts: dict[str, int],
+    seed: int,
+    orientations_: Sequence[str],
+    organ: str,
+    organs: list[str],
+    paths: Callable[[str, int], tuple[str, Path, Path]],
+) -> dict[str, Phantom]:
+    """Single-organ MR cases of two sequences; ``paths(sequence, i)`` gives (stem, image path, label path)."""
+    out, j = {}, 0
+    for seq, n in counts.items():
+        for i in range(n):
+            phantom = _single_organ(make_phantom(seed + j, "mr", _orientation(j, orientations_), organs=organs), organ)
+            stem, image, label = paths(seq, i)
+            write_case(phantom, root / image, root / label, None, binary=True)
+            out[f"{seq}_{stem}"] = phantom
+            j += 1
+    return out
+
+
 def write_cirrmri600(
     root: str | Path, n_t1: int = 5, n_t2: int = 5, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS
 ) -> dict[str, Phantom]:
     """CirrMRI600+ layout (``Cirrhosis_T1_3D/{train,valid,test}_{images,masks}``); binary liver masks."""
-    root = Path(root)
-    out = {}
-    j = 0
-    for seq, n in (("t1", n_t1), ("t2", n_t2)):
-        for i in range(n):
-            subset = ("train", "train", "valid", "test")[i % 4]
-            stem = f"{100 + i}"
-            phantom = make_phantom(seed + j, "mr", _orientation(j, orientations_), organs=["liver", "spleen", "kidney_right"])
-            base = root / f"Cirrhosis_{seq.upper()}_3D"
-            liver_only = Phantom(phantom.image, np.where(phantom.label == ORGAN_IDS["liver"], ORGAN_IDS["liver"], 0).astype(np.uint8),
-                                 phantom.extra, phantom.affine, phantom.orientation, "mr")  # fmt: skip
-            write_case(liver_only, base / f"{subset}_images" / f"{stem}.nii.gz", base / f"{subset}_masks" / f"{stem}.nii.gz", None, binary=True)
-            out[f"{seq}_{stem}"] = liver_only
-            j += 1
-    return out
+
+    def paths(seq: str, i: int) -> tuple[str, Path, Path]:
+        subset, stem = ("train", "train", "valid", "test")[i % 4], f"{100 + i}"
+        base = Path(f"Cirrhosis_{seq.upper()}_3D")
+        return stem, base / f"{subset}_images" / f"{stem}.nii.gz", base / f"{subset}_masks" / f"{stem}.nii.gz"
+
+    return _write_sequences(
+        Path(root), {"t1": n_t1, "t2": n_t2}, seed, orientations_, "liver", ["liver", "spleen", "kidney_right"], paths
+    )
 
 
 def write_panseg(
     root: str | Path, n_t1: int = 5, n_t2: int = 5, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS
 ) -> dict[str, Phantom]:
     """PanSegData layout (``t1/imagesTr/<case>_0000.nii.gz``, ``t1/labelsTr/<case>.nii.gz``); binary pancreas."""
-    root = Path(root)
-    out = {}
-    j = 0
-    for seq, n in (("t1", n_t1), ("t2", n_t2)):
-        for i in range(n):
-            stem = f"{seq.upper()}_{i + 1:03d}"
-            phantom = make_phantom(seed + j, "mr", _orientation(j, orientations_), organs=["liver", "pancreas"])
-            only = Phantom(phantom.image, np.where(phantom.label == ORGAN_IDS["pancreas"], ORGAN_IDS["pancreas"], 0).astype(np.uint8),
-                           phantom.extra, phantom.affine, phantom.orientation, "mr")  # fmt: skip
-            write_case(only, root / seq / "imagesTr" / f"{stem}_0000.nii.gz", root / seq / "labelsTr" / f"{stem}.nii.gz", None, binary=True)
-            out[f"{seq}_{stem}"] = only
-            j += 1
-    return out
+
+    def paths(seq: str, i: int) -> tuple[str, Path, Path]:
+        stem = f"{seq.upper()}_{i + 1:03d}"
+        return stem, Path(seq) / "imagesTr" / f"{stem}_0000.nii.gz", Path(seq) / "labelsTr" / f"{stem}.nii.gz"
+
+    return _write_sequences(
+        Path(root), {"t1": n_t1, "t2": n_t2}, seed, orientations_, "pancreas", ["liver", "pancreas"], paths
+    )
 
 
 def write_folder(
-    root: str | Path, cases: dict[str, str] | None = None, seed: int = 0, orientations_: Sequence[str] = ORIENTATIONS,
+    root: str | Path,
+    cases: dict[str, str] | None = None,
+    seed: int = 0,
+    orientations_: Sequence[str] = ORIENTATIONS,
     shape: Sequence[int] = SHAPE,
     spacing: Sequence[float] = SPACING,
 ) -> dict[str, Phantom]:
@@ -259,7 +296,12 @@ def write_folder(
 
 
 def write_dicom_series(
-    image: np.ndarray, affine: np.ndarray, folder: str | Path, slope: float = 1.0, intercept: float = -1024.0, shuffle: bool = True
+    image: np.ndarray,
+    affine: np.ndarray,
+    folder: str | Path,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    shuffle: bool = True,
 ) -> Path:
     """Write a volume as a CT DICOM series, one file per slice along axis 2 (stored as uint16 with rescale).
 

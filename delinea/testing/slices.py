@@ -1,4 +1,4 @@
-"""Tiny synthetic slice batches in the datamodules' batch format, for model and task tests."""
+"""Tiny synthetic slice batches in the datamodules' batch format, for model and task tests (no files needed)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def make_batch(n: int = 8, size: int = 32, seed: int = 0) -> dict:
     }
 
 
-class SliceDataset(torch.utils.data.Dataset):
-    """A fixed set of synthetic slices served one at a time (collated by the default collate)."""
+class SyntheticSlices(torch.utils.data.Dataset):
+    """A fixed set of :func:`make_batch` slices served one at a time (collated by the default collate)."""
 
     def __init__(self, n: int = 16, size: int = 32, seed: int = 0) -> None:
         self.batch = make_batch(n, size, seed)

@@ -1,0 +1,3 @@
+from delinea.demo.run import main
+
+main()

@@ -1,0 +1,216 @@
+"""Pretrain the demo's MedDelinea and UNet on the CT training slabs, as the paper pretrains on ATLAS-8k, and ship
+the chosen ones as model folders (``delinea/demo/weights/meddelinea``, ``.../unet``).
+
+    python -m delinea.demo.pretrain                         # select, then pretrain seeds 0 1 2 (hours on 2 cores)
+    python -m delinea.demo.pretrain --seeds 0 1 --minutes 60 --select-minutes 0
+    python -m delinea.demo.pretrain --reuse --downstream --ship   # test every seed downstream, ship the chosen one
+
+Protocol, fixed before any training:
+
+* validation slices are two 5-slice slabs inside the CT training slabs (:data:`CT_VALIDATION`), removed from
+  training; the held-out slab and the MR are never read here;
+* ``--select-minutes`` > 0 first trains MedDelinea with the paper's uniform timestep draw and with density ∝ t²
+  (``timestep_bias`` 0 and 2) for that long, side by side, and keeps the one with the better best validation mDSC;
+* every seed then trains MedDelinea and the UNet side by side, one CPU thread each, for the same wall-clock
+  budget, logging the training loss and the validation Dice; each run keeps its best checkpoint by validation mDSC,
+  and the seed with the best validation mDSC is shipped.
+
+Writes ``<out>/record.json`` and, with ``--ship``, the model folders and ``delinea/demo/weights/pretraining.json``
+(the record: protocol, configs, commands, seeds, curves, validation numbers, and with ``--downstream`` every seed's
+demo test scores with their spread, which choose nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delinea.demo.protocol import CONFIGS, CT_TRAIN, CT_VALIDATION, WEIGHTS, cut_slab
+from delinea.tasks import MedDelineaTask, SegmentationTask, UNetTask, load_task
+from delinea.tasks.export import save_model_folder
+
+MODELS: dict[str, type[SegmentationTask]] = {"meddelinea": MedDelineaTask, "unet": UNetTask}
+
+
+def prepare_pretraining(data: Path) -> tuple[Path, Path]:
+    """The CT training slabs without the validation slabs, and the validation slabs, as one folder dataset with
+    a split file naming them: ``(root, split file)``."""
+    root = data / "ct_pretrain"
+    train = []
+    for low, high in CT_TRAIN:
+        cuts = [v for v in CT_VALIDATION if low <= v[0] <= high]
+        start = low
+        for v in [*cuts, (high + 1, high + 1)]:
+            if v[0] > start:
+                train.append((start, v[0] - 1))
+            start = v[1] + 1
+    val = list(CT_VALIDATION)
+    names = {}
+    for z in [*train, *val]:
+        name = f"ct_{z[0]:03d}_{z[1]:03d}"
+        cut_slab("ct", z, root, name)
+        names[z] = name
+    split = {
+        "train": [names[z] for z in train],
+        "val": [names[z] for z in val],
+        "test": [],
+        "note": "demo pretraining: CT training slabs minus the validation slabs; never the held-out slab or MR",
+    }
+    split_file = data / "ct_pretrain_split.json"
+    split_file.write_text(json.dumps(split, indent=1) + "\n")
+    return root, split_file
+
+
+def command(
+    model: str, seed: int, minutes: float, root: Path, split_file: Path, out: Path, extra: list[str]
+) -> list[str]:
+    """The ``delinea fit`` command of one pretraining run."""
+    backbones = (
+        ["--model.dit", str(WEIGHTS / "dit"), "--model.vae", str(WEIGHTS / "vae")] if model == "meddelinea" else []
+    )
+    hours, rest = divmod(int(minutes * 60), 3600)
+    return [
+        sys.executable, "-m", "delinea", "fit", "--config", str(CONFIGS / f"pretrain_{model}.yaml"),
+        "--data.root", str(root), "--data.split_file", str(split_file), "--data.seed", str(seed),
+        "--seed_everything", str(seed), "--trainer.max_time", f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *backbones, *extra,
+    ]  # fmt: skip
+
+
+def run_side_by_side(jobs: dict[str, list[str]], logs: Path) -> dict[str, float]:
+    """Run commands at once, one CPU thread each; their wall seconds."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    running = {name: subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
+               for name, cmd in jobs.items()}  # fmt: skip
+    seconds = {}
+    for name, process in running.items():
+        if process.wait() != 0:
+            raise RuntimeError(f"pretraining run {name} failed; see {logs / f'{name}.log'}")
+        seconds[name] = round(time.perf_counter() - started, 1)
+    return seconds
+
+
+def curves(run: Path) -> dict[str, Any]:
+    """Training loss and validation Dice against steps from a run's CSV log, and its best checkpoint."""
+    rows = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
+    loss = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    dice = [(int(r["step"]), float(r["val/mDSC"])) for r in rows if r.get("val/mDSC")]
+    best = max(dice, key=lambda d: d[1]) if dice else (None, None)
+    checkpoint = next(iter(sorted(run.rglob("best-*.ckpt"))), None)
+    return {
+        "steps": max((s for s, _ in loss), default=0),
+        "best_val_mDSC": best[1],
+        "best_step": best[0],
+        "train_loss": loss,
+        "val_mDSC": dice,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+
+
+def downstream(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The demo's downstream protocol (:class:`~delinea.demo.run.Demo`: zero-shot tests, few-shot fine-tuning) for
+    every seed's pretrained pair, and each test's mean and standard deviation over the seeds. These are test
+    numbers: nothing is chosen by them."""
+    from delinea.demo.run import Demo
+
+    per_seed: dict[str, dict[str, float]] = {}
+    for seed in record["seeds"]:
+        models = {kind: Path(record["runs"][f"{kind}_seed{seed}"]["checkpoint"]) for kind in MODELS}
+        summary = Demo(out / f"downstream_seed{seed}", smoke=False, models=models).run()
+        per_seed[str(seed)] = {name: test["mDSC"] for name, test in summary["tests"].items()}
+    tests = sorted({name for scores in per_seed.values() for name in scores})
+    spread = {}
+    for name in tests:
+        values = np.array([scores[name] for scores in per_seed.values() if name in scores], dtype=float)
+        spread[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        "min": float(values.min()), "max": float(values.max()), "n": len(values)}  # fmt: skip
+    return {"per_seed": per_seed, "mDSC": spread}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m delinea.demo.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/pretrain"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of each pretraining run")
+    parser.add_argument("--select-minutes", type=float, default=15.0, help="0 skips the timestep-draw selection")
+    parser.add_argument("--downstream", action="store_true", help="run the demo's tests for every seed (spread)")
+    parser.add_argument("--ship", action="store_true", help="write the chosen models into delinea/demo/weights")
+    parser.add_argument("--reuse", action="store_true", help="take the runs of an earlier call's <out>/record.json")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        record = json.loads((args.out / "record.json").read_text())
+    else:
+        record = pretrain(args)
+    for model in MODELS:
+        runs = {n: r for n, r in record["runs"].items() if n.startswith(model)}
+        shipped = max(runs, key=lambda n: runs[n]["best_val_mDSC"] or 0.0)  # chosen by validation only
+        record[f"shipped_{model}"] = shipped
+    if args.downstream:
+        record["downstream"] = downstream(record, args.out)
+    (args.out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    if args.ship:
+        for model in MODELS:
+            checkpoint = record["runs"][record[f"shipped_{model}"]]["checkpoint"]
+            save_model_folder(load_task(checkpoint), WEIGHTS / model, overwrite=True)
+        (WEIGHTS / "pretraining.json").write_text(json.dumps(shipped_record(record), indent=1) + "\n")
+    return record
+
+
+def shipped_record(record: dict[str, Any]) -> dict[str, Any]:
+    """What ships beside the model folders: the protocol, the commands, every run's validation curve and best
+    score, the downstream spread, and which runs were shipped (paths reduced to their run names)."""
+    runs = {name: {k: v for k, v in run.items() if k != "checkpoint"} for name, run in record["runs"].items()}
+    return {**{k: v for k, v in record.items() if k != "runs"}, "runs": runs}
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Select the timestep draw (optional), then pretrain both models for every seed, side by side."""
+    root, split_file = prepare_pretraining(args.out / "data")
+    record: dict[str, Any] = {
+        "protocol": (__doc__ or "").split("\n\n", 2)[2].strip(),
+        "split": json.loads(split_file.read_text()),
+        "minutes": args.minutes,
+        "seeds": args.seeds,
+        "runs": {},
+    }
+    chosen: list[str] = []
+    if args.select_minutes > 0:
+        jobs = {f"select_bias{b}": command("meddelinea", 0, args.select_minutes, root, split_file,
+                                           args.out / f"select_bias{b}", ["--model.timestep_bias", str(b)])
+                for b in (0, 2)}  # fmt: skip
+        run_side_by_side(jobs, args.out / "logs")
+        selection = {name: curves(args.out / name) for name in jobs}
+        best = max(selection, key=lambda n: selection[n]["best_val_mDSC"] or 0.0)
+        chosen = ["--model.timestep_bias", best.removeprefix("select_bias")]
+        record["selection"] = {
+            "commands": {n: " ".join(c) for n, c in jobs.items()},
+            "chosen": best,
+            **{n: {k: v for k, v in c.items() if k != "checkpoint"} for n, c in selection.items()},
+        }
+    for seed in args.seeds:
+        jobs = {}
+        for model in MODELS:
+            name = f"{model}_seed{seed}"
+            extra = chosen if model == "meddelinea" else []
+            jobs[name] = command(model, seed, args.minutes, root, split_file, args.out / name, extra)
+        seconds = run_side_by_side(jobs, args.out / "logs")
+        for name, cmd in jobs.items():
+            record["runs"][name] = {"command": " ".join(cmd), "wall_seconds": seconds[name], **curves(args.out / name)}
+        (args.out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
