@@ -199,6 +199,10 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             "chosen": best,
             **{n: {k: v for k, v in c.items() if k != "checkpoint"} for n, c in selection.items()},
         }
+    else:
+        record["selection"] = (
+            "skipped: timestep_bias as configs/pretrain_meddelinea.yaml sets it (an earlier selection)"
+        )
     for seed in args.seeds:
         jobs = {}
         for model in MODELS:
