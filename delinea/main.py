@@ -310,17 +310,22 @@ def user_message(error: BaseException) -> str:
 
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:
     """The ``delinea`` LightningCLI; ``run=False`` only parses and instantiates (config tests)."""
-    return DelineaCLI(
-        model_class=SegmentationTask,
-        datamodule_class=MedSegDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_callback=NumberedConfigSaver,
-        parser_kwargs={"version": delinea.__version__},
-        args=args,
-        run=run,
-    )
+    return DelineaCLI(SegmentationTask, MedSegDataModule, args=args, run=run, **cli_options())
+
+
+def cli_options() -> dict[str, Any]:
+    """What both commands pass LightningCLI: tasks and datamodules by class path, seed 0, numbered configs."""
+    return {
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "seed_everything_default": 0,
+        "save_config_callback": NumberedConfigSaver,
+        "parser_kwargs": {"version": delinea.__version__},
+    }
+
+
+#: Errors a user can cause and fix: one line and exit code 2, never a traceback.
+USER_ERRORS = (UserError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 def report(program: str, error: BaseException) -> None:
@@ -337,7 +342,7 @@ def main(args: ArgsType = None) -> None:
     """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2."""
     try:
         build_cli(args)
-    except (UserError, FileExistsError, NotADirectoryError, PermissionError) as error:
+    except USER_ERRORS as error:
         report("delinea", error)
 
 
@@ -347,17 +352,8 @@ def pretrain(args: ArgsType = None) -> None:
     from delinea.tasks.pretraining import BackbonePretrainTask
 
     try:
-        OneLineErrorsCLI(
-            BackbonePretrainTask,
-            MedSegDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_callback=NumberedConfigSaver,
-            parser_kwargs={"version": delinea.__version__},
-            args=args,
-        )
-    except (UserError, FileExistsError) as error:
+        OneLineErrorsCLI(BackbonePretrainTask, MedSegDataModule, args=args, **cli_options())
+    except USER_ERRORS as error:
         report("delinea-pretrain", error)
 
 
