@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from delinea.demo.protocol import CT_HELD_OUT, SAMPLE, WEIGHTS, codec_ceiling, held_out_ct, prepare
+from delinea.demo.pretrain import prepare_pretraining, spread
+from delinea.demo.protocol import (
+    CT_HELD_OUT,
+    CT_TRAIN,
+    CT_VALIDATION,
+    SAMPLE,
+    WEIGHTS,
+    codec_ceiling,
+    held_out_ct,
+    prepare,
+)
 from delinea.demo.run import main
 from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, mask_to_rgb
 from delinea.models.dit import load_dit
@@ -111,7 +121,37 @@ def test_smoke_demo_writes_summary(tmp_path: Path) -> None:
         assert test["model"] == ("unet" if name.startswith("unet") else "meddelinea")
         assert set(test["organs"]) == set(FOREGROUND)
         assert 0 <= test["mDSC"] <= 1 and test["mHD95"] > 0
-    assert written["stages"]["meddelinea_ct_training"]["seconds"] > 0
+    assert written["stages"].keys() == {"prepare", "backbones", "zero_shot_tests", "meddelinea_mr_fewshot",
+                                        "predict", "unet_mr_fewshot"}  # fmt: skip
+    assert written["pretrained"] == {kind: str(WEIGHTS / kind) for kind in ("meddelinea", "unet")}
     assert (tmp_path / "meddelinea_mr_fewshot.ckpt").is_file()
     predicted = nib.load(tmp_path / "predictions" / "meddelinea_mr" / "mr_seg.nii.gz")
     assert predicted.shape == nib.load(SAMPLE / "images" / "mr.nii.gz").shape
+
+
+def test_pretraining_validation_slabs_come_from_the_training_slabs(tmp_path: Path) -> None:
+    root, split_file = prepare_pretraining(tmp_path)
+    split = json.loads(split_file.read_text())
+    z = {group: set().union(*(_world_z_of(root, name) for name in split[group])) for group in ("train", "val")}
+    ct = nib.as_closest_canonical(nib.load(SAMPLE / "images" / "ct.nii.gz"))
+    world = {k: round(float((ct.affine @ [0, 0, k, 1])[2]), 3) for k in range(ct.shape[2])}
+    expected_val = {world[k] for low, high in CT_VALIDATION for k in range(low, high + 1)}
+    expected_train = {world[k] for low, high in CT_TRAIN for k in range(low, high + 1)} - expected_val
+    assert z["val"] == expected_val and len(expected_val) == 10
+    assert z["train"] == expected_train  # the rest of the training slabs, nothing else
+    assert not (z["train"] | z["val"]) & {world[k] for k in range(CT_HELD_OUT[0], CT_HELD_OUT[1] + 1)}
+    assert split["test"] == []
+
+
+def _world_z_of(root: Path, name: str) -> set[float]:
+    image = nib.load(root / "images" / f"{name}.nii.gz")
+    return {round(float((image.affine @ [0, 0, k, 1])[2]), 3) for k in range(image.shape[2])}
+
+
+def test_seed_spread_against_numpy() -> None:
+    per_seed = {"0": {"a": 0.5, "b": 0.1}, "1": {"a": 0.7, "b": 0.3}, "2": {"a": 0.6}}
+    out = spread(per_seed)
+    assert out["a"]["mean"] == pytest.approx(0.6) and out["a"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1))
+    assert out["b"] == {"mean": pytest.approx(0.2), "std": pytest.approx(np.std([0.1, 0.3], ddof=1)), "min": 0.1,
+                        "max": 0.3, "n": 2}  # fmt: skip
+    assert spread({"0": {"a": 0.4}})["a"]["std"] == 0.0

@@ -129,13 +129,17 @@ def downstream(record: dict[str, Any], out: Path) -> dict[str, Any]:
         models = {kind: Path(record["runs"][f"{kind}_seed{seed}"]["checkpoint"]) for kind in MODELS}
         summary = Demo(out / f"downstream_seed{seed}", smoke=False, models=models).run()
         per_seed[str(seed)] = {name: test["mDSC"] for name, test in summary["tests"].items()}
-    tests = sorted({name for scores in per_seed.values() for name in scores})
-    spread = {}
-    for name in tests:
+    return {"per_seed": per_seed, "mDSC": spread(per_seed)}
+
+
+def spread(per_seed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each test's mean, sample standard deviation (0 for one seed), minimum, maximum and count over the seeds."""
+    out = {}
+    for name in sorted({name for scores in per_seed.values() for name in scores}):
         values = np.array([scores[name] for scores in per_seed.values() if name in scores], dtype=float)
-        spread[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                        "min": float(values.min()), "max": float(values.max()), "n": len(values)}  # fmt: skip
-    return {"per_seed": per_seed, "mDSC": spread}
+        out[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                     "min": float(values.min()), "max": float(values.max()), "n": len(values)}  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -172,7 +176,15 @@ def shipped_record(record: dict[str, Any]) -> dict[str, Any]:
     """What ships beside the model folders: the protocol, the commands, every run's validation curve and best
     score, the downstream spread, and which runs were shipped (paths reduced to their run names)."""
     runs = {name: {k: v for k, v in run.items() if k != "checkpoint"} for name, run in record["runs"].items()}
-    return {**{k: v for k, v in record.items() if k != "runs"}, "runs": runs}
+    summary = {
+        "seeds": record["seeds"],
+        "minutes": record["minutes"],
+        "shipped": {model: record[f"shipped_{model}"] for model in MODELS},
+        "steps": {name: run["steps"] for name, run in runs.items()},
+        "best_val_mDSC": {name: run["best_val_mDSC"] for name, run in runs.items()},
+        "downstream_mDSC": record.get("downstream", {}).get("mDSC"),
+    }
+    return {"summary": summary, **{k: v for k, v in record.items() if k != "runs"}, "runs": runs}
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
