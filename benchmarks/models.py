@@ -92,8 +92,8 @@ def slab_dice(labels: torch.Tensor, data: CTData) -> dict[str, Any]:
 
 def shipped_models() -> tuple[Path | None, Path | None]:
     """The pretrained demo models shipped as model folders (``delinea/demo/weights/meddelinea``, ``.../unet``)."""
-    found = [DEMO_WEIGHTS / kind for kind in ("meddelinea", "unet")]
-    return tuple(f if is_model_folder(f) else None for f in found)  # type: ignore[return-value]
+    meddelinea, unet = (DEMO_WEIGHTS / kind for kind in ("meddelinea", "unet"))
+    return (meddelinea if is_model_folder(meddelinea) else None, unet if is_model_folder(unet) else None)
 
 
 class _PrecomputedLatents:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class CaseIndex:
         ignore_unknown: bool = False,
         threads: int = 1,
         verify: bool = False,
-        nonfinite: str = "refuse",
+        nonfinite: Literal["refuse", "replace"] = "refuse",
     ) -> dict[str, dict[str, Any]]:
         """Entries for ``cases``, inspecting (in ``threads`` threads) those missing or stale, then saving.
 
@@ -96,7 +96,7 @@ class CaseIndex:
                 if verify and entry["error"] is None:
                     try:
                         intensity = Intensity()  # the checks do not depend on the normalisation
-                        load_case_files(f, spec if f.has_label else None, intensity, ignore_unknown, atol, nonfinite)  # type: ignore[arg-type]
+                        load_case_files(f, spec if f.has_label else None, intensity, ignore_unknown, atol, nonfinite)
                         entry["verified"] = nonfinite
                     except DatasetError as error:
                         entry["error"] = str(error)
