@@ -135,10 +135,11 @@ class NumberedConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         name = None
-        if trainer.is_global_zero and trainer.log_dir is not None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, before rank zero looks at files
+        if trainer.is_global_zero and log_dir is not None:
             stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
             name, n = self.config_filename, 0
-            while (Path(trainer.log_dir) / name).exists():
+            while (Path(log_dir) / name).exists():
                 n += 1
                 name = f"{stem}-{n}{suffix}"
         self.config_filename = trainer.strategy.broadcast(name) or self.config_filename
