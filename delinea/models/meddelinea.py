@@ -69,6 +69,11 @@ class MedDelinea(nn.Module):
         if image.ndim != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be (N, 1 or 3, H, W), got shape {tuple(image.shape)}")
         height, width = image.shape[-2:]
+        if height < self.size_multiple or width < self.size_multiple:
+            raise ValueError(
+                f"image size {height}x{width} (shape {tuple(image.shape)}) is smaller than {self.size_multiple} "
+                f"(VAE factor {self.vae.downsampling} x patch {self.dit.patch_size}), the smallest side it takes"
+            )
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(
                 f"image size {height}x{width} is not divisible by {self.size_multiple} "
@@ -89,6 +94,11 @@ class MedDelinea(nn.Module):
         self, noisy_mask_latent: torch.Tensor, timestep: torch.Tensor, image_latent: torch.Tensor
     ) -> torch.Tensor:
         """ε̂ of the steered DiT: (N, C, h, w) -> (N, C, h, w), the first C output channels."""
+        dit_ops.check_latent(self.dit, noisy_mask_latent)
+        if image_latent.shape != noisy_mask_latent.shape:
+            raise ValueError(
+                f"image latent {tuple(image_latent.shape)} and mask latent {tuple(noisy_mask_latent.shape)} differ"
+            )
         labels = self._labels(noisy_mask_latent.shape[0], noisy_mask_latent.device)
         timestep = timestep.expand(noisy_mask_latent.shape[0]) if timestep.ndim == 0 else timestep
         residuals = self.control(noisy_mask_latent, image_latent, timestep, labels)  # K x (N, T, D)

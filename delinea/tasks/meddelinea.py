@@ -31,7 +31,11 @@ class MedDelineaTask(SegmentationTask):
 
     Args:
         dit: a DiT preset (``DiT-XL/2``, ``DiT-B/4``, ``DiT-tiny/2``, ... randomly initialised) or a local path to
-            a diffusers folder (``facebook/DiT-XL-2-256`` or its ``transformer/``) or an original DiT ``.pt``.
+            a diffusers folder (``facebook/DiT-XL-2-256`` or its ``transformer/``) or an original DiT ``.pt`` (a
+            released state dict, or a ``train.py`` checkpoint, whose EMA weights are taken).
+        dit_num_heads: attention heads of an original DiT ``.pt`` (its tensors do not carry them): None reads them
+            from a ``train.py`` checkpoint's ``args`` or from the preset of the same depth and hidden size, and
+            refuses a shape that matches no preset.
         vae: a VAE preset (``sd``, ``small``, ``tiny``) or a local diffusers ``AutoencoderKL`` folder.
         image_size: slice size the presets' positional embedding is laid out for (other sizes interpolate).
         control_blocks: K, base blocks copied into the Control DiT (paper: 15).
@@ -65,6 +69,7 @@ class MedDelineaTask(SegmentationTask):
     def __init__(
         self,
         dit: str = "DiT-XL/2",
+        dit_num_heads: int | None = None,
         vae: str = "sd",
         image_size: int = 256,
         control_blocks: int = 15,
@@ -109,7 +114,7 @@ class MedDelineaTask(SegmentationTask):
         if hp.dit in DIT_PRESETS:
             dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
         else:
-            dit = load_dit(_existing(hp.dit, "dit"))
+            dit = load_dit(_existing(hp.dit, "dit"), num_heads=hp.get("dit_num_heads"))
         self.model = MedDelinea(dit, mask_vae, control_blocks=hp.control_blocks, class_label=hp.class_label)
         for module in self.model.frozen_modules():
             module.requires_grad_(False)

@@ -1,0 +1,79 @@
+"""The paper's configuration on the paper's hardware: checkpoints users have, activation checkpointing, the memory
+plan, per-resolution micro-batches, and (``slow``) one paper-size training step."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from delinea.errors import CheckpointError
+from delinea.models import MaskVAE, MedDelinea, build_dit, build_vae, load_dit
+from delinea.models.dit import check_square
+from delinea.testing.backbones import pretrained_like
+from tests.test_models import _original_dit_forward, _original_state_dict
+
+# -- checkpoints users have ------------------------------------------------------------------------------------
+
+
+def test_train_py_checkpoint_loads_its_ema_weights_weights_only(tmp_path: Path) -> None:
+    ema = _original_state_dict(depth=12, dim=384)  # DiT-S/2's shape
+    raw = {k: v + 1 for k, v in ema.items()}
+    args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=1000, results_dir="results")
+    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []}, "args": args}, tmp_path / "c.pt")
+    dit = load_dit(tmp_path / "c.pt").eval()
+    assert dit.config.num_attention_heads == 6 and dit.config.num_layers == 12
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([7, 1000])
+    expected = _original_dit_forward(ema, x, t, y, depth=12, heads=6, patch=2)  # the EMA, not the raw weights
+    assert torch.allclose(dit(x, timestep=t, class_labels=y).sample, expected, atol=1e-5)
+
+
+class Gadget:
+    """Any class a pickle could name: unpickling it could run code."""
+
+
+def test_a_checkpoint_with_another_class_is_refused_in_one_line(tmp_path: Path) -> None:
+    sd = _original_state_dict(depth=2)
+    torch.save({"ema": sd, "args": argparse.Namespace(model="DiT-S/2"), "extra": Gadget()}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"x\.pt weights-only: .*Gadget.*argparse\.Namespace") as error:
+        load_dit(tmp_path / "x.pt")
+    assert "\n" not in str(error.value)
+
+
+def test_head_count_from_the_option_else_refused_when_ambiguous(tmp_path: Path) -> None:
+    sd = _original_state_dict(depth=2, dim=384)  # hidden 384 with 16 heads of 24: no preset
+    torch.save(sd, tmp_path / "d.pt")
+    with pytest.raises(CheckpointError, match=r"depth 2 and hidden size 384 is no preset.*num_heads"):
+        load_dit(tmp_path / "d.pt")
+    dit = load_dit(tmp_path / "d.pt", num_heads=16).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([3, 250, 999]), torch.tensor([7, 1000, 42])
+    expected = _original_dit_forward(sd, x, t, y, depth=2, heads=16, patch=2)
+    wrong = _original_dit_forward(sd, x, t, y, depth=2, heads=6, patch=2)
+    got = dit(x, timestep=t, class_labels=y).sample
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert (got - wrong).abs().max() > 1e-3  # the head count matters: a wrong guess would be silently wrong
+    torch.save({"ema": sd, "args": argparse.Namespace(model="DiT-XL/2")}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError, match=r"num_heads=12 contradicts its args\.model 'DiT-XL/2' \(16 heads\)"):
+        load_dit(tmp_path / "e.pt", num_heads=12)
+    with pytest.raises(CheckpointError, match="num_heads=5 does not divide the hidden size 384"):
+        load_dit(tmp_path / "d.pt", num_heads=5)
+
+
+def test_odd_inputs_are_refused_by_name_and_oblong_ones_run() -> None:
+    torch.manual_seed(0)
+    dit = pretrained_like(build_dit("DiT-tiny/2", sample_size=16))
+    model = MedDelinea(dit, MaskVAE(build_vae("tiny")), control_blocks=2).eval()
+    with pytest.raises(ValueError, match=r"image size 2x32 \(shape \(1, 1, 2, 32\)\) is smaller than 4"):
+        model.check_inputs(torch.zeros(1, 1, 2, 32))
+    with pytest.raises(ValueError, match=r"image size 32x38 is not divisible by 4"):
+        model.check_inputs(torch.zeros(1, 1, 32, 38))
+    probabilities, _ = model.sample(torch.rand(1, 1, 32, 48) * 2 - 1, steps=2)  # oblong: the block loop's grid
+    assert probabilities.shape == (1, 9, 32, 48)
+    with pytest.raises(ValueError, match=r"DiT latent must be \(N, 4, h, w\), got shape \(1, 3, 16, 16\)"):
+        model.predict_noise(torch.zeros(1, 3, 16, 16), torch.tensor(5), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"DiT latent 16x15 .* multiples of the patch size 2"):
+        model.predict_noise(torch.zeros(1, 4, 16, 15), torch.tensor(5), torch.zeros(1, 4, 16, 15))
+    with pytest.raises(ValueError, match=r"needs a square latent, got 16x24"):
+        check_square(dit, torch.zeros(1, 4, 16, 24))
