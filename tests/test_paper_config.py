@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from delinea.errors import CheckpointError
+from delinea.errors import CheckpointError, OptionError
 from delinea.models import MaskVAE, MedDelinea, build_dit, build_vae, load_dit
 from delinea.models.dit import check_square
+from delinea.models.meddelinea import CHECKPOINT_PARTS
+from delinea.tasks import MedDelineaTask
 from delinea.testing.backbones import pretrained_like
 from tests.test_models import _original_dit_forward, _original_state_dict
 
@@ -77,3 +79,61 @@ def test_odd_inputs_are_refused_by_name_and_oblong_ones_run() -> None:
         model.predict_noise(torch.zeros(1, 4, 16, 15), torch.tensor(5), torch.zeros(1, 4, 16, 15))
     with pytest.raises(ValueError, match=r"needs a square latent, got 16x24"):
         check_square(dit, torch.zeros(1, 4, 16, 24))
+
+
+# -- activation checkpointing ----------------------------------------------------------------------------------
+
+
+def _tiny_task(**kwargs: object) -> MedDelineaTask:
+    torch.manual_seed(0)
+    task = MedDelineaTask(
+        dit="DiT-tiny/2", vae="tiny", image_size=32, control_blocks=2, seg_max_timestep=1000, **kwargs
+    )
+    pretrained_like(task.model, std=0.05, only_zero=True)  # DiT's zero-initialised gates would stop every gradient
+    pretrained_like(task.model.control.patch_embed)  # and the zero Z_o half of this one the zero conv's
+    return task
+
+
+def _batch(n: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "image": torch.rand(n, 1, size, size, generator=g) * 2 - 1,
+        "mask": torch.randint(0, 9, (n, size, size), generator=g),
+        "labelled": torch.ones(n, 9, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("parts", [True, ["control"], ["base"], ["decoder"]])
+def test_activation_checkpointing_keeps_the_gradients(parts: bool | list[str]) -> None:
+    plain, checkpointed = _tiny_task(), _tiny_task(activation_checkpointing=parts)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.model.checkpointing == (set(CHECKPOINT_PARTS) if parts is True else set(parts))
+    grads, calls = [], []
+    for task in (plain, checkpointed):
+        task.train()
+        model = task.model
+        watched = {"control": model.control.blocks[0], "base": model.dit.transformer_blocks[-1]}
+        watched["decoder"] = model.vae.vae.decoder.up_blocks[0]
+        count = dict.fromkeys(watched, 0)
+        for part, module in watched.items():
+            module.register_forward_pre_hook(
+                lambda *_, part=part, count=count: count.__setitem__(part, count[part] + 1)
+            )
+        losses = task.losses(_batch(), generator=torch.Generator().manual_seed(2))
+        assert losses["loss_seg"] > 0  # the decoder of L_seg ran with gradients
+        losses["loss"].backward()
+        grads.append({k: p.grad for k, p in task.named_parameters() if p.requires_grad})
+        calls.append(count)
+    assert calls[0] == dict.fromkeys(CHECKPOINT_PARTS, 1)  # one forward each ...
+    assert calls[1] == {
+        part: 1 + (part in checkpointed.model.checkpointing) for part in CHECKPOINT_PARTS
+    }  # + recompute
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name  # every trainable part receives a gradient
+        assert torch.allclose(grad, grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_unknown_checkpointing_parts_are_refused() -> None:
+    with pytest.raises(OptionError, match=r"activation_checkpointing \['vae'\] unknown"):
+        MedDelineaTask(dit="DiT-tiny/2", vae="tiny", image_size=32, control_blocks=1, activation_checkpointing=["vae"])

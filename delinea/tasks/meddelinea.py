@@ -17,6 +17,7 @@ from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
 from delinea.models.diffusion import make_sampler
 from delinea.models.dit import DIT_PRESETS
+from delinea.models.meddelinea import CHECKPOINT_PARTS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
@@ -59,6 +60,11 @@ class MedDelineaTask(SegmentationTask):
         zero_image: replace the image latent by zeros (an ablation proving the model reads the image).
         ema_decay: keep an exponential moving average of the trainable weights (timm's ModelEmaV3, as DiT
             trains with one) and evaluate, test and predict with it; 0 turns it off.
+        activation_checkpointing: recompute activations in the backward pass instead of keeping them (same
+            gradients, less memory, about a third more training time): True for every part, or a list of
+            ``control`` (the Control DiT's blocks), ``base`` (the frozen DiT's blocks, whose activations the
+            backward pass to the residuals needs) and ``decoder`` (the VAE decoder of L_seg). The memory plan
+            printed at fit start shows what each part costs (:mod:`delinea.models.memory`).
         inference_dtype: precision of sampling in validation, test and predict: ``auto`` (bf16 autocast where the
             hardware has native bf16, a CUDA GPU or a CPU with AVX512-BF16/AMX; else float32), ``bfloat16`` or
             ``float32``. The sampler state and the probabilities stay float32 (benchmarks/fastpaths.py).
@@ -87,8 +93,10 @@ class MedDelineaTask(SegmentationTask):
         zero_image: bool = False,
         ema_decay: float = 0.0,
         inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        activation_checkpointing: bool | list[Literal["control", "base", "decoder"]] = False,
         **kwargs: Any,
     ) -> None:
+        checkpoint_parts(activation_checkpointing)  # fail early on an unknown part
         if not 0 <= ema_decay < 1:
             raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
@@ -115,7 +123,13 @@ class MedDelineaTask(SegmentationTask):
             dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
         else:
             dit = load_dit(_existing(hp.dit, "dit"), num_heads=hp.get("dit_num_heads"))
-        self.model = MedDelinea(dit, mask_vae, control_blocks=hp.control_blocks, class_label=hp.class_label)
+        self.model = MedDelinea(
+            dit,
+            mask_vae,
+            control_blocks=hp.control_blocks,
+            class_label=hp.class_label,
+            activation_checkpointing=checkpoint_parts(hp.get("activation_checkpointing", False)),
+        )
         for module in self.model.frozen_modules():
             module.requires_grad_(False)
         self.model.vae.head.requires_grad_(hp.train_head)
@@ -304,6 +318,22 @@ class MedDelineaTask(SegmentationTask):
             digest.update(key.encode())
             digest.update(own[key].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def checkpoint_parts(option: bool | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The parts an ``activation_checkpointing`` option names: True is all of them, False none.
+
+    Raises:
+        OptionError: an unknown part, named with the ones there are.
+    """
+    if isinstance(option, bool):
+        return CHECKPOINT_PARTS if option else ()
+    unknown = [part for part in option if part not in CHECKPOINT_PARTS]
+    if unknown:
+        raise OptionError(
+            f"activation_checkpointing {unknown} unknown: give true, false or a list of {', '.join(CHECKPOINT_PARTS)}"
+        )
+    return tuple(option)
 
 
 def _existing(path: str, what: str) -> Path:
