@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -320,7 +320,7 @@ class MedDelineaTask(SegmentationTask):
         return digest.hexdigest()[:16]
 
 
-def checkpoint_parts(option: bool | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def checkpoint_parts(option: bool | Sequence[str]) -> tuple[str, ...]:
     """The parts an ``activation_checkpointing`` option names: True is all of them, False none.
 
     Raises:
