@@ -39,6 +39,7 @@ def build_dit(
     in_channels: int = 4,
     learn_sigma: bool = True,
     num_classes: int = 1000,
+    depth: int | None = None,
 ) -> DiTTransformer2DModel:
     """Build a randomly initialised DiT from a preset name such as ``DiT-B/4`` or ``DiT-tiny/2``.
 
@@ -48,11 +49,13 @@ def build_dit(
         in_channels: latent channels.
         learn_sigma: output twice the latent channels (ε and σ) like the released DiTs.
         num_classes: class labels; one more row is kept for the null class.
+        depth: blocks, if not the preset's (e.g. one DiT-XL block to measure its memory).
     """
     if preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; expected one of {', '.join(DIT_PRESETS)}")
     size, patch = preset.removeprefix("DiT-").split("/")
-    depth, hidden, heads = DIT_SIZES[size]
+    preset_depth, hidden, heads = DIT_SIZES[size]
+    depth = preset_depth if depth is None else depth
     if sample_size % int(patch):
         raise ValueError(f"sample_size {sample_size} is not divisible by the patch size {patch} of {preset}")
     dit = DiTTransformer2DModel(
