@@ -4,11 +4,14 @@ plan, per-resolution micro-batches, and (``slow``) one paper-size training step.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from delinea.datamodules import FolderDataModule, SliceBatchSampler
 from delinea.errors import CheckpointError, OptionError
 from delinea.models import MaskVAE, MedDelinea, build_dit, build_vae, load_dit
 from delinea.models.dit import check_square
@@ -137,3 +140,44 @@ def test_activation_checkpointing_keeps_the_gradients(parts: bool | list[str]) -
 def test_unknown_checkpointing_parts_are_refused() -> None:
     with pytest.raises(OptionError, match=r"activation_checkpointing \['vae'\] unknown"):
         MedDelineaTask(dit="DiT-tiny/2", vae="tiny", image_size=32, control_blocks=1, activation_checkpointing=["vae"])
+
+
+# -- per-resolution micro-batches ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_every_optimiser_step_holds_the_papers_composition(ranks: int) -> None:
+    case_of = np.repeat(np.arange(9), 40)  # 360 slices
+    accumulate = 10  # 2 cycles of (1 x 8 at 256 + 4 x 2 at 512): 2 batches of 8 at each size
+    for rank in range(ranks):
+        sampler = SliceBatchSampler(
+            batch_size=8, case_of=case_of, resolutions=[256, 512], shuffle=True, num_replicas=ranks, rank=rank,
+            micro_batch_sizes={256: 8, 512: 2}, accumulate=accumulate,
+        )  # fmt: skip
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler) and len(batches) % accumulate == 0
+            for start in range(0, len(batches), accumulate):
+                step = batches[start : start + accumulate]
+                sizes = Counter(window for batch in step for _, window, _ in batch)
+                assert sizes == {256: 16, 512: 16}  # samples per step constant, half at each size
+                assert [len(b) for b in step] == [8, 2, 2, 2, 2] * 2 and all(
+                    len({w for _, w, _ in b}) == 1 for b in step
+                )
+            flat = [i for batch in batches for i, _, _ in batch]
+            assert len(set(flat)) == len(flat)  # no slice twice within an epoch
+    with pytest.raises(ValueError, match=r"accumulate 8 is not a whole number of resolution cycles of 5"):
+        SliceBatchSampler(batch_size=8, case_of=case_of, resolutions=[256, 512], shuffle=True,
+                          micro_batch_sizes={256: 8, 512: 2}, accumulate=8)  # fmt: skip
+
+
+def test_micro_batch_options_are_checked_and_weighted(tmp_path: Path) -> None:
+    dm = FolderDataModule(root=str(tmp_path), resolution=[256, 512], batch_size=32, micro_batch_size={256: 32, 512: 8})
+    cycle, weights = dm.micro_batch_plan(accumulate=20)
+    assert cycle == [(256, 32)] + [(512, 8)] * 4 and weights == {256: 2.5, 512: 0.625}
+    # 20 micro-batches, each loss x weight / 20: 4 x 32 x 2.5 + 16 x 8 x 0.625 = 400 = 256 samples x 20 / 12.8
+    with pytest.raises(OptionError, match=r"accumulate_grad_batches 8 counts micro-batches.*e\.g\. 20 for 8 batches"):
+        dm.micro_batch_plan(accumulate=8)
+    with pytest.raises(OptionError, match=r"micro_batch_size for 512 px must be a positive divisor of batch_size 32"):
+        FolderDataModule(root=str(tmp_path), resolution=[256, 512], batch_size=32, micro_batch_size={256: 32, 512: 5})

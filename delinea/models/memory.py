@@ -141,7 +141,9 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype) -> contextl
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def profile_model(model: Any, resolution: int, dtype: torch.dtype = torch.float32) -> dict[str, PartProfile]:
+def profile_model(
+    model: Any, resolution: int, dtype: torch.dtype = torch.float32, parts: Iterable[str] = PARTS
+) -> dict[str, PartProfile]:
     """Profile each part of a :class:`~delinea.models.MedDelinea` at ``resolution`` and ``dtype`` autocast (one
     base block, one control block with its zero Linear, the decoder with the head and L_seg; the encoder keeps
     nothing). Costs about the activations of one micro-batch of 3 samples of each part."""
@@ -176,14 +178,13 @@ def profile_model(model: Any, resolution: int, dtype: torch.dtype = torch.float3
     params = list(model.parameters())  # counted as weights, not as activations
     decoder = model.vae.vae.decoder
     decoder_blocks = {"mid": decoder.mid_block, **{f"up{i}": b for i, b in enumerate(decoder.up_blocks)}}
+    runs: dict[str, tuple[Callable[[int], Any], dict[str, nn.Module]]] = {
+        "base": (block_run(dit.transformer_blocks[0], None), {"b": dit.transformer_blocks[0]}),
+        "control": (block_run(control.blocks[0], control.zero_linears[0]), {"b": control.blocks[0]}),
+        "decoder": (decoder_run, decoder_blocks),
+    }
     with _checkpointing_off(model):
-        return {
-            "base": profile_part(block_run(dit.transformer_blocks[0], None), params, {"b": dit.transformer_blocks[0]}),
-            "control": profile_part(
-                block_run(control.blocks[0], control.zero_linears[0]), params, {"b": control.blocks[0]}
-            ),
-            "decoder": profile_part(decoder_run, params, decoder_blocks),
-        }
+        return {part: profile_part(runs[part][0], params, runs[part][1]) for part in parts}
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from delinea.errors import OptionError
@@ -19,6 +20,8 @@ from delinea.models.diffusion import make_sampler
 from delinea.models.dit import DIT_PRESETS
 from delinea.models.meddelinea import CHECKPOINT_PARTS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
+from delinea.models.memory import MemoryPlan, device_memory
+from delinea.models.memory import estimate as estimate_memory
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
 from delinea.tasks.latent_cache import LatentCache
@@ -166,6 +169,45 @@ class MedDelineaTask(SegmentationTask):
         self.load_state_dict(wanted, strict=False)
         if self.ema is not None:  # the average starts from the loaded weights
             self.ema = moving_average(self.trainable, self.hparams.ema_decay)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.report_memory_plan()
+
+    def memory_plans(self) -> list[MemoryPlan]:
+        """Estimated peak memory of a training micro-batch at each training window (delinea.models.memory)."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        windows = list(self.plan.window) if self.plan is not None else [self.hparams.image_size]
+        micro = getattr(datamodule, "micro_batch_size", None)
+        batch = int(getattr(datamodule, "batch_size", 1) or 1)
+        plans = []
+        for window in windows:
+            size = micro.get(window, batch) if isinstance(micro, dict) else (micro or batch)
+            plans.append(
+                estimate_memory(
+                    self.model,
+                    window,
+                    int(size),
+                    str(trainer.precision),
+                    self.model.checkpointing,
+                    ddp=trainer.world_size > 1,
+                )
+            )
+        return plans
+
+    def report_memory_plan(self) -> None:
+        """Print the memory plan (rank zero) and warn when a micro-batch would not fit the device."""
+        available = device_memory(self.device)
+        for plan in self.memory_plans():
+            self.print(f"delinea: {plan.describe(available)}")
+            if available is not None and plan.peak > available:
+                rank_zero_warn(
+                    f"delinea: a {plan.resolution}² micro-batch of {plan.micro_batch} needs about "
+                    f"{plan.peak / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB this device has: lower "
+                    "data.micro_batch_size for that size (raising trainer.accumulate_grad_batches to keep the step), "
+                    "or set model.activation_checkpointing"
+                )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
