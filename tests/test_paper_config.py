@@ -16,6 +16,7 @@ from delinea.errors import CheckpointError, OptionError
 from delinea.models import MaskVAE, MedDelinea, build_dit, build_vae, load_dit
 from delinea.models.dit import check_square
 from delinea.models.meddelinea import CHECKPOINT_PARTS
+from delinea.models.memory import estimate, profile_model
 from delinea.tasks import MedDelineaTask
 from delinea.testing.backbones import pretrained_like
 from tests.test_models import _original_dit_forward, _original_state_dict
@@ -181,3 +182,77 @@ def test_micro_batch_options_are_checked_and_weighted(tmp_path: Path) -> None:
         dm.micro_batch_plan(accumulate=8)
     with pytest.raises(OptionError, match=r"micro_batch_size for 512 px must be a positive divisor of batch_size 32"):
         FolderDataModule(root=str(tmp_path), resolution=[256, 512], batch_size=32, micro_batch_size={256: 32, 512: 5})
+
+
+# -- the memory plan -------------------------------------------------------------------------------------------
+
+
+def test_memory_plan_scales_with_the_micro_batch_and_checkpointing_saves() -> None:
+    with torch.device("meta"):  # the paper's network, built without memory
+        model = MedDelinea(build_dit("DiT-XL/2", sample_size=32), MaskVAE(build_vae("sd")), control_blocks=15)
+    for module in model.frozen_modules():
+        module.requires_grad_(False)
+    plain = estimate(model, 512, 8, "bf16-mixed")
+    assert plain.lines["weights"] == pytest.approx(1253.7e6 * 4, rel=1e-3)
+    assert plain.lines["AdamW state"] == pytest.approx(420.2e6 * 8, rel=1e-3)
+    assert estimate(model, 512, 16, "bf16-mixed").peak > plain.peak > estimate(model, 256, 8, "bf16-mixed").peak
+    checkpointed = estimate(model, 512, 8, "bf16-mixed", CHECKPOINT_PARTS)
+    assert checkpointed.peak < plain.peak and checkpointed.lines["recomputed block"] > 0
+    assert "512² x 8 per micro-batch, bf16-mixed" in checkpointed.describe(48e9)
+
+
+def test_profiles_count_what_autograd_keeps() -> None:
+    task = _tiny_task()
+    profiles = profile_model(task.model, 32)
+    base, control = profiles["base"], profiles["control"]
+    assert base.kept[1] > 0 and control.kept[1] > base.kept[1]  # trainable weights also keep their inputs
+    hidden = task.model.dit.inner_dim * (32 // 2 // 2) ** 2 * 4  # (T, D) float32: a checkpointed block's input
+    assert base.kept_checkpointed[1] == pytest.approx(hidden, abs=64)  # + the timestep and label
+    assert base.kept_checkpointed[1] < base.kept[1]
+    assert profiles["decoder"].kept_checkpointed[1] < profiles["decoder"].kept[1]
+    plan = estimate(task.model, 32, 4, "32-true", (), profiles=profiles)
+    assert plan.lines["base activations"] == pytest.approx(4 * 4 * base.kept[1] + 4 * max(0, base.kept[0]))
+
+
+def test_fit_prints_the_memory_plan_and_warns_when_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import delinea.tasks.meddelinea as module
+
+    task = _tiny_task()
+    printed: list[str] = []
+    monkeypatch.setattr(task, "print", lambda text: printed.append(text))
+    monkeypatch.setattr(task, "memory_plans", lambda: [estimate(task.model, 512, 8, "bf16-mixed")])
+    monkeypatch.setattr(module, "device_memory", lambda device: 1e6)
+    with pytest.warns(UserWarning, match=r"a 512² micro-batch of 8 needs about .* GiB, more than the 0\.0 GiB"):
+        task.report_memory_plan()
+    assert printed and printed[0].startswith("delinea: memory plan at 512² x 8")
+
+
+# -- the paper's network, one training step (slow: 11-16 GiB of RAM, minutes on 2 cores) ------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_paper_size_training_step_reaches_the_control_branch_within_the_plan(resolution: int) -> None:
+    from benchmarks.common import PeakMemory
+
+    device = torch.device("cpu")
+    with PeakMemory(device) as peak:
+        torch.manual_seed(0)
+        task = MedDelineaTask(
+            dit="DiT-XL/2", vae="sd", image_size=resolution, control_blocks=15, seg_max_timestep=1000
+        )  # the paper's network on random weights
+        pretrained_like(task.model, std=0.02, only_zero=True)  # zero-initialised gates perturbed: gradients flow
+        pretrained_like(task.model.control.patch_embed, std=0.02)
+        task.train()
+        optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=2e-5)
+        losses = task.losses(_batch(1, resolution), generator=torch.Generator().manual_seed(2))
+        losses["loss"].backward()
+        control = [p.grad for p in task.model.control.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in control)
+        assert sum(float(g.abs().sum()) for g in control) > 0  # the control branch learns
+        assert all(float(g.abs().sum()) > 0 for g in (p.grad for p in task.model.control.zero_linears.parameters()))
+        optimizer.step()
+    plan = estimate(task.model, resolution, 1, "32-true")
+    measured = peak.mib * 2**20
+    print(f"{resolution}²: measured {measured / 2**30:.2f} GiB, plan {plan.peak / 2**30:.2f} GiB ({plan.describe()})")
+    assert measured < plan.peak * 1.15 + 2**30  # the plan plus a margin (RSS counts allocator slack too)

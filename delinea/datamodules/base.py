@@ -151,8 +151,8 @@ class MedSegDataModule(LightningDataModule, ABC):
             raise OptionError(f"body_margin must be a non-negative number of mm or None, got {body_margin}")
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
-        if micro_batch_size is not None:
-            self._micro(self.resolutions or [DEFAULT_WINDOW])  # fail early on sizes that cannot work
+        if micro_batch_size is not None:  # sizes that do not divide batch_size fail now, missing windows when loading
+            self._micro(list(micro_batch_size) if isinstance(micro_batch_size, dict) else [0])
         self.num_workers = num_workers
         self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
         self.cache_cases = cache_cases

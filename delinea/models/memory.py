@@ -241,7 +241,7 @@ def _scaled(profile: PartProfile, which: str, n: int, per_sample_scale: float, f
 def nearest_reference(resolution: int, dtype: str) -> int:
     measured = sorted(REFERENCE.get(dtype, {}))
     if not measured:
-        raise KeyError(f"no measured memory table for {dtype}: run benchmarks/memory.py --table")
+        raise KeyError(f"no measured memory table for {dtype}: run benchmarks/memory.py")
     return min(measured, key=lambda r: abs(math.log(r / resolution)))
 
 

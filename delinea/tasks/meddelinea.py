@@ -199,7 +199,12 @@ class MedDelineaTask(SegmentationTask):
     def report_memory_plan(self) -> None:
         """Print the memory plan (rank zero) and warn when a micro-batch would not fit the device."""
         available = device_memory(self.device)
-        for plan in self.memory_plans():
+        try:
+            plans = self.memory_plans()
+        except KeyError as error:  # no measured table for this precision
+            self.print(f"delinea: no memory plan: {error}")
+            return
+        for plan in plans:
             self.print(f"delinea: {plan.describe(available)}")
             if available is not None and plan.peak > available:
                 rank_zero_warn(
