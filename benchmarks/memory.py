@@ -65,7 +65,9 @@ def profiles(
                 dit_parts = profile_model(model, resolution, dtype, parts=("base", "control"))
                 blocks = {k: v.to_dict() for k, v in dit_parts.items()}
                 decoder = table["fp32"][resolution]["decoder"]
-                blocks["decoder"] = {k: [v * r for v, r in zip(decoder[k], ratio[k])] for k in decoder}
+                # the recomputed block's ratio at 64² is another block's: take the ratio of the kept bytes
+                scale = {k: ratio["kept" if k == "recompute" else k] for k in decoder}
+                blocks["decoder"] = {k: [v * r for v, r in zip(decoder[k], scale[k])] for k in decoder}
                 table[name][resolution] = blocks
             else:
                 table[name][resolution] = {k: v.to_dict() for k, v in profile_model(model, resolution, dtype).items()}

@@ -203,8 +203,38 @@ def _checkpointing_off(model: Any) -> Any:
 #: Where :data:`REFERENCE` was measured: DiT-XL/2 widths (hidden 1152, 16 heads), the SD VAE (f = 8, channels
 #: 128-256-512-512, 2 layers per block), 9 classes. Written by ``benchmarks/memory.py`` (CPU, torch 2.14).
 REFERENCE_MODEL = {"hidden": 1152, "patch": 2, "vae_channels": (128, 256, 512, 512), "vae_layers": 2, "f": 8}
-#: Bytes per part (see :class:`PartProfile`) by dtype and resolution; filled by ``benchmarks/memory.py --table``.
-REFERENCE: dict[str, dict[int, dict[str, dict[str, list[float]]]]] = {}
+#: Bytes per part (see :class:`PartProfile`) by dtype and resolution, printed by ``benchmarks/memory.py`` (CPU,
+#: 2026-12-02, 356 s). 512² is scaled from 256² (tokens, pixels); the slow paper-size test checks it against a
+#: measured 512² step. bf16 decoder bytes: fp32 x the bf16/fp32 ratio of its kept bytes at 64² (module docstring of
+#: benchmarks/memory.py).
+REFERENCE: dict[str, dict[int, dict[str, dict[str, list[float]]]]] = {
+    "fp32": {
+        256: {
+            "base": {"kept": [0, 11853824], "kept_checkpointed": [0, 1179648], "recompute": [0, 11853824]},
+            "control": {"kept": [0, 24849416], "kept_checkpointed": [0, 2359296], "recompute": [0, 23669768]},
+            "decoder": {"kept": [4, 1498197612], "kept_checkpointed": [4, 221020524], "recompute": [0, 704644608]},
+        }
+    },
+    "bf16": {
+        256: {
+            "base": {
+                "kept": [31850496, 7116800],
+                "kept_checkpointed": [0, 1179648],
+                "recompute": [31850496, 7116800],
+            },
+            "control": {
+                "kept": [53084160, 15976200],
+                "kept_checkpointed": [2654208, 1769472],
+                "recompute": [50429952, 15386376],
+            },
+            "decoder": {
+                "kept": [98918692, 752701821],
+                "kept_checkpointed": [57636, 114052031],
+                "recompute": [0, 354016904],
+            },
+        }
+    },
+}
 
 
 @dataclass
