@@ -15,7 +15,14 @@ Sections (each prints markdown tables; the JSON is rewritten after each one):
    same run (benchmarks/fastpaths.py);
 4. ``flops``: achieved FLOP/s of the DiT-B/2 forward against a matmul peak measured in the same run
    (benchmarks/flops.py);
-5. ``threads`` (only when asked for): OpenMP wait policy x threads, each in its own process (benchmarks/threads.py).
+5. ``threads`` (only when asked for): OpenMP wait policy x threads, each in its own process (benchmarks/threads.py);
+6. ``paper`` (by default on CUDA only): the paper's network (DiT-XL/2, SD VAE, K = 15), one bf16 training step at
+   256² and 512² with the configs' micro-batches, with and without activation checkpointing, samples/s and peak
+   memory against the memory plan, and sampling seconds per slice and per 100-slice volume against the UNet
+   (benchmarks/paper.py; under 8 minutes on one GPU);
+7. ``memory`` (only when asked for): what each part keeps for the backward pass per sample at 256² and 512², fp32
+   and bf16, with and without checkpointing, and the paper's memory plan (benchmarks/memory.py; 512² needs
+   about 13 GiB).
 
 Figures are medians of several timed runs; comparisons are ratios of runs interleaved in this one process
 (benchmarks/common.py). On CUDA the same script runs with bf16 autocast and flash attention.
@@ -44,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import torch
 
-from benchmarks import fastpaths, flops, inference, models, threads, training
+from benchmarks import fastpaths, flops, inference, memory, models, paper, threads, training
 from benchmarks.common import describe_device, native_bf16, pick_device, table, write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,6 +77,8 @@ MODES: dict[str, dict[str, Any]] = {
         },
         "fastpaths": {"preset": "B", "resolution": 256, "batch": 4, "repeats": 3, "compile": True},
         "flops": {"preset": "DiT-B/2", "latent": 32, "batch": 8, "repeats": 3},
+        "paper": {"dit": "DiT-XL/2", "vae": "sd", "control_blocks": 15, "micro_batch": {256: 32, 512: 8}, "steps": 3},
+        "memory": {"dit": "DiT-XL/2", "vae": "sd", "resolutions": (256, 512), "bf16_decoder_at": 64},
     },
     "quick": {
         "training": {"presets": ["tiny"], "resolution": 128, "batch_size": 2, "repeats": 3},
@@ -105,8 +114,21 @@ MODES: dict[str, dict[str, Any]] = {
         },
         "fastpaths": {"preset": "toy", "resolution": 32, "batch": 2, "repeats": 2, "compile": False},
         "flops": {"preset": "DiT-tiny/2", "latent": 8, "batch": 2, "repeats": 2},
+        "paper": {
+            "dit": "DiT-tiny/2",
+            "vae": "tiny",
+            "control_blocks": 2,
+            "micro_batch": {32: 2, 64: 1},
+            "steps": 1,
+            "sampling_steps": 2,
+            "volume_slices": 4,
+            "volume_batch": 2,
+            "unet_channels": [4, 8, 16],
+        },
+        "memory": {"dit": "DiT-tiny/2", "vae": "tiny", "resolutions": (32, 64), "bf16_decoder_at": 16},
     },
 }
+MODES["quick"] |= {"paper": MODES["tiny"]["paper"], "memory": MODES["tiny"]["memory"]}  # fmt: skip
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,8 +140,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=(*SECTIONS, "threads"),
-        default=list(SECTIONS),
+        choices=(*SECTIONS, "threads", "paper", "memory"),
+        default=None,
         help="sections to run (default: the four of the issue; 'threads' measures OpenMP's wait "
         "policy and thread count in separate processes)",
     )
@@ -315,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.sections is None:  # the default; on CUDA also the paper's network
+        args.sections = list(SECTIONS) + (["paper"] if device.type == "cuda" else [])
     out = args.out or RESULTS / ("latest.json" if mode == "full" else f"{mode}.json")
     started = time.perf_counter()
     result: dict[str, Any] = json.loads(out.read_text()) if args.update and out.is_file() else {"sections": {}}
@@ -450,6 +474,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         print(render_training(train))
         done("training", time.perf_counter() - t0)
+
+    if "paper" in args.sections:
+        t0 = time.perf_counter()
+        c = dict(config["paper"])
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        result["paper"] = paper.run(device, dtype=dtype, **c)
+        print(paper.render(result["paper"]) + "\n")
+        done("paper", time.perf_counter() - t0)
+
+    if "memory" in args.sections:
+        t0 = time.perf_counter()
+        c = config["memory"]
+        table = memory.profiles(device, tuple(c["resolutions"]), c["dit"], c["vae"], c["bf16_decoder_at"])
+        result["memory"] = {"parts": table, "paper_plans": memory.paper_plans()}
+        print(memory.render(table) + "\n")
+        done("memory", time.perf_counter() - t0)
 
     if "threads" in args.sections:
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -224,3 +225,33 @@ def test_task_validates_and_uses_inference_dtype() -> None:
         out[name] = task.predict_probabilities(image)[0]
     assert out["bfloat16"].dtype == torch.float32
     assert not torch.equal(out["float32"], out["bfloat16"])  # the option reaches the sampler
+
+
+def test_paper_section_runs_at_toy_size_on_the_cpu() -> None:
+    """`make bench` on CUDA runs benchmarks/paper.py at the paper's size; its code path, at toy size here."""
+    from benchmarks import paper
+
+    result = paper.run(torch.device("cpu"), dtype=None, **run.MODES["tiny"]["paper"])
+    assert [(r["resolution"], r["checkpointing"]) for r in result["rows"]] == [
+        (32, []), (32, ["control", "base", "decoder"]), (64, []), (64, ["control", "base", "decoder"])
+    ]  # fmt: skip
+    for row in result["rows"]:
+        assert row["samples_per_s"] > 0 and row["step_s"] > 0 and row["peak_gib"] > 0 and row["plan_gib"] > 0
+    sampling = result["sampling"]
+    assert sampling["s_per_slice"] > 0 and sampling["s_per_volume"] > 0 and sampling["unet_s_per_volume"] > 0
+    assert "samples/s" in paper.render(result)
+
+
+def test_memory_section_profiles_every_part_at_toy_size() -> None:
+    from benchmarks import memory
+
+    c = run.MODES["tiny"]["memory"]
+    table = memory.profiles(torch.device("cpu"), c["resolutions"], c["dit"], c["vae"], c["bf16_decoder_at"])
+    for dtype in ("fp32", "bf16"):
+        for resolution in c["resolutions"]:
+            parts = table[dtype][resolution]
+            assert set(parts) == {"base", "control", "decoder"}
+            for data in parts.values():
+                assert data["kept"][1] > data["kept_checkpointed"][1] > 0
+    assert table["fp32"][64]["decoder"]["kept"][1] > 3 * table["fp32"][32]["decoder"]["kept"][1]  # ~ pixels
+    assert "| decoder | 32 | fp32 |" in memory.render(table)

@@ -155,7 +155,7 @@ def _original_state_dict(depth: int = 2, dim: int = 384, patch: int = 2, grid: i
 def test_original_checkpoint_converts_to_the_same_function(tmp_path: Path) -> None:
     sd = _original_state_dict()
     torch.save({"model": {}, "ema": sd, "opt": {}}, tmp_path / "dit.pt")  # a train.py checkpoint
-    dit = load_dit(tmp_path / "dit.pt").eval()
+    dit = load_dit(tmp_path / "dit.pt", num_heads=6).eval()  # depth 2: no preset, so the heads are given
     assert dit.config.num_layers == 2 and dit.config.patch_size == 2 and dit.config.sample_size == 8
     x = torch.randn(3, 4, 8, 8)
     t = torch.tensor([3, 250, 999])

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from delinea.datamodules.dataset import SliceDataset
 from delinea.datamodules.index import CaseIndex
 from delinea.datamodules.plan import Plan, check_spacing, check_windows
-from delinea.datamodules.samplers import ResumableLoader, SliceBatchSampler
+from delinea.datamodules.samplers import ResumableLoader, SliceBatchSampler, describe_cycle, micro_batch_cycle
 from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
 from delinea.datamodules.utils import (
     CaseFiles,
@@ -93,7 +93,12 @@ class MedSegDataModule(LightningDataModule, ABC):
         resolution: training window size in pixels; a list alternates between training batches. None: the
             window of the model's plan (a checkpoint or ``init_from``), else 256. At evaluation an explicit value
             is the sliding window (the model's plan window otherwise).
-        batch_size: slices per batch.
+        batch_size: slices per batch (of one window size; batches alternate between ``resolution``'s sizes).
+        micro_batch_size: slices per loader batch, per window size (``{256: 32, 512: 8}``) or for all: each batch
+            is served in ``batch_size / micro_batch_size`` micro-batches, which the Trainer's
+            ``accumulate_grad_batches`` (counted in micro-batches, a whole number of resolution cycles) sums into
+            optimiser steps of constant composition, each micro-batch's loss weighted by its share of the
+            step's samples. None: whole batches. See :class:`~delinea.datamodules.samplers.SliceBatchSampler`.
         num_workers: loader worker processes.
         window: CT window in HU mapped to [-1, 1].
         percentiles: MRI percentiles per volume mapped to [-1, 1].
@@ -117,6 +122,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         self,
         resolution: int | list[int] | None = None,
         batch_size: int = 8,
+        micro_batch_size: int | dict[int, int] | None = None,
         num_workers: int = 0,
         window: tuple[float, float] = (-175.0, 250.0),
         percentiles: tuple[float, float] = (0.5, 99.5),
@@ -144,6 +150,9 @@ class MedSegDataModule(LightningDataModule, ABC):
         if body_margin is not None and not 0 <= body_margin < 1000:
             raise OptionError(f"body_margin must be a non-negative number of mm or None, got {body_margin}")
         self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
+        if micro_batch_size is not None:  # sizes that do not divide batch_size fail now, missing windows when loading
+            self._micro(list(micro_batch_size) if isinstance(micro_batch_size, dict) else [0])
         self.num_workers = num_workers
         self.intensity = Intensity((float(window[0]), float(window[1])), (float(percentiles[0]), float(percentiles[1])))
         self.cache_cases = cache_cases
@@ -427,9 +436,49 @@ class MedSegDataModule(LightningDataModule, ABC):
     def _skip_bad(self) -> bool:
         return False
 
+    def _micro(self, windows: Sequence[int]) -> dict[int, int]:
+        """Micro-batch size per training window, checked against ``batch_size``."""
+        micro = self.micro_batch_size
+        sizes = (
+            {int(w): int(micro) for w in windows}
+            if isinstance(micro, int)
+            else {int(k): int(v) for k, v in (micro or {}).items()}
+        )
+        try:
+            micro_batch_cycle(self.batch_size, windows, sizes)
+        except ValueError as error:
+            raise OptionError(str(error)) from None
+        return sizes
+
+    def micro_batch_plan(self, accumulate: int = 1) -> tuple[list[tuple[int, int]], dict[int, float]] | None:
+        """The training resolution cycle as (window, micro-batch) pairs and each window's loss weight (its
+        micro-batch over the step's mean micro-batch, so every sample of a step weighs the same); None without
+        ``micro_batch_size``.
+
+        Raises:
+            OptionError: ``accumulate`` (the Trainer's ``accumulate_grad_batches``) is no whole number of cycles.
+        """
+        if self.micro_batch_size is None:
+            return None
+        windows = list(self.plan.window) if self.plan is not None else (self.resolutions or [DEFAULT_WINDOW])
+        cycle = micro_batch_cycle(self.batch_size, windows, self._micro(windows))
+        if accumulate % len(cycle):
+            cycles = max(1, -(-accumulate // len(windows)))  # reading the value as batches of batch_size
+            raise OptionError(
+                f"trainer.accumulate_grad_batches {accumulate} counts micro-batches and must be a whole number of "
+                f"resolution cycles ({describe_cycle(cycle)}: {len(cycle)} micro-batches), so that every optimiser "
+                f"step holds the same slices of each size: e.g. {cycles * len(cycle)} for "
+                f"{cycles * len(windows)} batches of {self.batch_size}"
+            )
+        mean = sum(size for _, size in cycle) / len(cycle)
+        return cycle, {window: size / mean for window, size in cycle}
+
     def _loader(
         self, dataset: SliceDataset, train: bool, seed: int = 0, empty_slice_ratio: float | None = None
     ) -> DataLoader:
+        accumulate = int(getattr(self._trainer_or_none(), "accumulate_grad_batches", 1) or 1)
+        plan = self.micro_batch_plan(accumulate) if train else None
+        micro = {window: size for window, size in plan[0]} if plan is not None else None
         sampler = SliceBatchSampler(
             None,
             self.batch_size,
@@ -442,6 +491,8 @@ class MedSegDataModule(LightningDataModule, ABC):
             empty_slice_ratio=empty_slice_ratio if train else None,
             block_cases=self.cache_cases,
             lanes=max(1, self.num_workers),
+            micro_batch_sizes=micro,
+            accumulate=accumulate if micro is not None else 1,
         )
         return (ResumableLoader if train else DataLoader)(
             dataset,
@@ -450,6 +501,12 @@ class MedSegDataModule(LightningDataModule, ABC):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _trainer_or_none(self) -> Any:
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def predict_cases(self) -> list[str]:
         """The case ids ``predict`` writes, in loader order."""

@@ -56,6 +56,14 @@ class SliceBatchSampler(BatchSampler):
         lanes: loader workers (1 for none).
         num_replicas: number of ranks (default: from ``sampler`` or 1).
         rank: this rank (default: from ``sampler`` or 0).
+        micro_batch_sizes: per window size, the samples of a micro-batch (a divisor of ``batch_size``): each
+            training batch of ``batch_size`` samples is served as ``batch_size / micro`` micro-batches of its
+            window, so 512² batches can fit the GPU while 256² ones stay large. None: whole batches (as above).
+        accumulate: micro-batches per optimiser step (the Trainer's ``accumulate_grad_batches``), a multiple of a
+            resolution cycle's micro-batches; with ``micro_batch_sizes``, every optimiser step then holds the same
+            samples of each window size (the paper's alternation: with batch 32, windows [256, 512], micro-batches
+            {256: 32, 512: 8} and accumulate 20, each step has 4 batches of 32 at 256² and 4 at 512², in 4 + 16
+            micro-batches), and the epoch is cut (or filled by wrapping around) to whole steps.
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class SliceBatchSampler(BatchSampler):
         lanes: int = 1,
         num_replicas: int | None = None,
         rank: int | None = None,
+        micro_batch_sizes: dict[int, int] | None = None,
+        accumulate: int = 1,
     ) -> None:
         case_of = np.asarray(case_of)
         super().__init__(sampler if sampler is not None else range(len(case_of)), batch_size, drop_last)
@@ -101,6 +111,13 @@ class SliceBatchSampler(BatchSampler):
         self.lanes = max(1, int(lanes))
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
+        self.cycle = micro_batch_cycle(batch_size, self.resolutions, micro_batch_sizes) if micro_batch_sizes else None
+        self.accumulate = int(accumulate)
+        if self.cycle is not None and (self.accumulate < 1 or self.accumulate % len(self.cycle)):
+            raise ValueError(
+                f"accumulate {accumulate} is not a whole number of resolution cycles of {len(self.cycle)} "
+                f"micro-batches ({describe_cycle(self.cycle)})"
+            )
         n_cases = len(np.unique(case_of))
         if not shuffle and 0 < n_cases < self.num_replicas:
             warnings.warn(
@@ -202,6 +219,30 @@ class SliceBatchSampler(BatchSampler):
             interleaved.extend(batches[i] for batches in lanes if i < len(batches))
         return interleaved
 
+    def _step_samples(self) -> int:
+        assert self.cycle is not None
+        return self.accumulate // len(self.cycle) * sum(size for _, size in self.cycle)
+
+    def _steps(self) -> int:
+        """Whole optimiser steps this epoch (micro-batch mode): at least one, filled by wrapping around."""
+        return max(1, self._shard_length() // self._step_samples()) if len(self.case_of) else 0
+
+    def _micro_batches(self) -> list[tuple[int, np.ndarray]]:
+        """This rank's training micro-batches as (window, (n, 2) index-seed pairs), whole steps of the cycle."""
+        assert self.cycle is not None
+        order = self._train_order()
+        length = self._shard_length()
+        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**31 - 1, length * self.num_replicas)
+        padded = np.stack([np.resize(order, length * self.num_replicas), seeds], 1)
+        shard = padded[self.rank * length : (self.rank + 1) * length]
+        shard = np.resize(shard, (self._steps() * self._step_samples(), 2))  # whole steps: cut, or wrap around
+        out, start = [], 0
+        for b in range(self._steps() * self.accumulate):
+            window, size = self.cycle[b % len(self.cycle)]
+            out.append((window, shard[start : start + size]))
+            start += size
+        return out
+
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:  # type: ignore[override]  # requests, not indices
         if not self.shuffle:
             for batch in self._eval_batches():
@@ -209,6 +250,11 @@ class SliceBatchSampler(BatchSampler):
             return
         skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None
+        if self.cycle is not None:
+            for b, (window, batch) in enumerate(self._micro_batches()):
+                if b >= skip:
+                    yield [(int(i), window, int(seed)) for i, seed in batch]
+            return
         for b, batch in enumerate(self._batches()):
             if b < skip:
                 continue
@@ -218,12 +264,44 @@ class SliceBatchSampler(BatchSampler):
     def __len__(self) -> int:
         if not self.shuffle:
             return len(self._eval_batches())
+        if self.cycle is not None:
+            return self._steps() * self.accumulate
         if len(self.case_of) == 0:
             return 0
         sizes = self._lane_sizes()
         if self.drop_last:
             return sum(s // self.batch_size for s in sizes)
         return sum(-(-s // self.batch_size) for s in sizes)
+
+
+def micro_batch_cycle(batch_size: int, resolutions: Sequence[int], micro: dict[int, int]) -> list[tuple[int, int]]:
+    """One resolution cycle as (window, micro-batch size) pairs: each window's batch of ``batch_size`` samples
+    split into micro-batches of ``micro[window]``.
+
+    Raises:
+        ValueError: a window without a micro-batch size, or one that does not divide ``batch_size``.
+    """
+    cycle = []
+    for window in resolutions:
+        size = micro.get(int(window))
+        if size is None or size < 1 or batch_size % size:
+            raise ValueError(
+                f"micro_batch_size for {window} px must be a positive divisor of batch_size {batch_size}, got {size} "
+                f"(micro_batch_size {micro})"
+            )
+        cycle += [(int(window), int(size))] * (batch_size // size)
+    return cycle
+
+
+def describe_cycle(cycle: list[tuple[int, int]]) -> str:
+    """``1 x 32 at 256 + 4 x 8 at 512``: a resolution cycle in words."""
+    runs: list[list[int]] = []
+    for window, size in cycle:
+        if runs and runs[-1][1:] == [window, size]:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, window, size])
+    return " + ".join(f"{n} x {size} at {window}" for n, window, size in runs)
 
 
 class ResumableLoader(DataLoader):

@@ -60,12 +60,14 @@ class ControlDiT(nn.Module):
         image_latent: torch.Tensor,
         timestep: torch.Tensor,
         class_labels: torch.Tensor,
+        checkpoint: bool = False,
     ) -> list[torch.Tensor]:
-        """Residuals for base blocks 0..K-1: (N, C, h, w) x 2 -> K x (N, T, D)."""
+        """Residuals for base blocks 0..K-1: (N, C, h, w) x 2 -> K x (N, T, D); ``checkpoint`` recomputes each
+        block's activations in the backward pass instead of keeping them."""
         z_ct = torch.cat([noisy_mask_latent, self.zero_conv(image_latent)], dim=1)  # (N, 2C, h, w)
         hidden = self.patch_embed(z_ct)  # (N, T, D)
         residuals = []
         for block, zero_linear in zip(self.blocks, self.zero_linears):
-            hidden = dit_ops.run_block(block, hidden, timestep, class_labels)
+            hidden = dit_ops.run_block(block, hidden, timestep, class_labels, checkpoint)
             residuals.append(zero_linear(hidden))  # (N, T, D)
         return residuals

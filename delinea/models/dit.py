@@ -7,8 +7,10 @@ residual after each block. Original facebookresearch/DiT ``.pt`` checkpoints are
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from torch import nn
+
+from delinea.errors import CheckpointError
 
 # DiT size presets (depth, hidden size, heads) from the DiT paper, plus a tiny one for tests and CPU demos.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -35,6 +39,7 @@ def build_dit(
     in_channels: int = 4,
     learn_sigma: bool = True,
     num_classes: int = 1000,
+    depth: int | None = None,
 ) -> DiTTransformer2DModel:
     """Build a randomly initialised DiT from a preset name such as ``DiT-B/4`` or ``DiT-tiny/2``.
 
@@ -44,11 +49,13 @@ def build_dit(
         in_channels: latent channels.
         learn_sigma: output twice the latent channels (ε and σ) like the released DiTs.
         num_classes: class labels; one more row is kept for the null class.
+        depth: blocks, if not the preset's (e.g. one DiT-XL block to measure its memory).
     """
     if preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; expected one of {', '.join(DIT_PRESETS)}")
     size, patch = preset.removeprefix("DiT-").split("/")
-    depth, hidden, heads = DIT_SIZES[size]
+    preset_depth, hidden, heads = DIT_SIZES[size]
+    depth = preset_depth if depth is None else depth
     if sample_size % int(patch):
         raise ValueError(f"sample_size {sample_size} is not divisible by the patch size {patch} of {preset}")
     dit = DiTTransformer2DModel(
@@ -146,6 +153,7 @@ def forward(
 ) -> torch.Tensor:
     """The DiT forward run block by block, for square or oblong latents; ``residual(i, h)`` may return a tensor
     added after block i; ``checkpoint`` recomputes block activations in the backward pass."""
+    check_latent(dit, latent)
     grid = (latent.shape[-2] // dit.patch_size, latent.shape[-1] // dit.patch_size)
     hidden = dit.pos_embed(latent)  # (N, T, D), T = rows * columns of patches
     for i, block in enumerate(dit.transformer_blocks):
@@ -156,28 +164,66 @@ def forward(
     return final_layer(dit, hidden, timestep, class_labels, grid)
 
 
+def check_latent(dit: DiTTransformer2DModel, latent: torch.Tensor) -> None:
+    """Raise a ValueError naming the shape unless ``latent`` is (N, in_channels, h, w) with h and w positive
+    multiples of the patch size (the block loop then unpatchifies any such grid, square or oblong)."""
+    channels, patch = int(dit.config.in_channels), int(dit.patch_size)
+    if latent.ndim != 4 or latent.shape[1] != channels:
+        raise ValueError(f"DiT latent must be (N, {channels}, h, w), got shape {tuple(latent.shape)}")
+    height, width = latent.shape[-2:]
+    if height < patch or width < patch or height % patch or width % patch:
+        raise ValueError(
+            f"DiT latent {height}x{width} (shape {tuple(latent.shape)}) is not a grid of {patch}x{patch} patches: "
+            f"height and width must be positive multiples of the patch size {patch}"
+        )
+
+
+def check_square(dit: DiTTransformer2DModel, latent: torch.Tensor) -> None:
+    """diffusers' own ``DiTTransformer2DModel.forward`` unpatchifies a square token grid: refuse anything else by
+    name rather than with a reshape error (:func:`forward` takes oblong latents)."""
+    check_latent(dit, latent)
+    if latent.shape[-2] != latent.shape[-1]:
+        raise ValueError(
+            f"diffusers' DiT forward needs a square latent, got {latent.shape[-2]}x{latent.shape[-1]} "
+            f"(shape {tuple(latent.shape)}): crop to a square, or run delinea.models.dit.forward"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_dit(path: str | Path) -> DiTTransformer2DModel:
+def load_dit(path: str | Path, num_heads: int | None = None) -> DiTTransformer2DModel:
     """Load a DiT from a local diffusers folder (``transformer/`` of ``facebook/DiT-XL-2-256`` or its parent)
-    or from an original facebookresearch/DiT ``.pt`` checkpoint. Nothing is downloaded.
+    or from an original facebookresearch/DiT ``.pt`` file: a released state dict (``DiT-XL-2-256x256.pt``) or a
+    ``train.py`` checkpoint ``{"model", "ema", "opt", "args"}`` (its EMA weights). Nothing is downloaded.
+
+    Args:
+        path: the folder or file.
+        num_heads: attention heads of an original ``.pt``, whose tensors do not carry the head count (a diffusers
+            folder's config does). None: from a ``train.py`` checkpoint's ``args.model``, else from the DiT preset
+            of the same depth and hidden size; a shape matching no preset needs it.
 
     Raises:
         FileNotFoundError: the path does not exist.
+        CheckpointError: the file cannot be read safely, or its head count cannot be determined.
         ValueError: the weights do not fit the architecture (missing or unexpected keys are listed).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"DiT weights not found at {path}: expected a diffusers folder or a DiT .pt file")
     if path.is_file():
-        return convert_original_dit(_load_torch_file(path), source=str(path))
+        return convert_original_dit(_load_torch_file(path), source=str(path), num_heads=num_heads)
     folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: expected a diffusers DiTTransformer2DModel folder")
     config = json.loads(config_file.read_text())
+    if num_heads is not None and num_heads != config.get("num_attention_heads"):
+        raise CheckpointError(
+            f"num_heads={num_heads} contradicts {config_file}, which has num_attention_heads="
+            f"{config.get('num_attention_heads')}: leave num_heads unset for a diffusers folder"
+        )
     if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise ValueError(f"{config_file}: norm_type {config['norm_type']!r} is not a DiT (expected 'ada_norm_zero')")
     # The hub config names the legacy Transformer2DModel; from_config reads its DiT arguments all the same.
@@ -226,32 +272,108 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state)
 
 
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a checkpoint from the internet must not be able to run code when loaded.
+#: The only class besides tensors and plain containers that a weights-only load of a DiT ``.pt`` accepts: the
+#: ``argparse.Namespace`` of facebookresearch/DiT's ``train.py`` checkpoints (``args``), plain data with no code.
+SAFE_CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+def _load_torch_file(path: Path) -> dict:
+    """Read a torch file weights-only: a checkpoint from the internet must not be able to run code when loaded.
+
+    Raises:
+        CheckpointError: one line naming the file, and the class it refused if that is the reason.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read {path} as a weights-only torch file: {error}") from error
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = [line for line in str(error).splitlines() if "Unsupported global" in line]
+        reason = refused[0].strip().split(". ")[0] if refused else (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read {path} weights-only: {reason}; only tensors, plain containers and argparse.Namespace are "
+            "allowed, so that loading cannot run code"
+        ) from None
+    except Exception as error:  # torch raises many types for files that are not checkpoints
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only torch file: {type(error).__name__}: {first}"
+        ) from None
+
+
+def _heads_of_args(args: object, source: str) -> int | None:
+    """Heads of the model a ``train.py`` checkpoint's ``args.model`` names (``DiT-XL/2``), or None."""
+    name = getattr(args, "model", None)
+    if not isinstance(name, str):
+        return None
+    size = name.removeprefix("DiT-").split("/")[0]
+    if size not in DIT_SIZES:
+        raise CheckpointError(
+            f"{source}: args.model {name!r} is no DiT preset ({', '.join(DIT_PRESETS)}); pass num_heads"
+        )
+    return DIT_SIZES[size][2]
+
+
+def original_num_heads(
+    checkpoint: dict, hidden: int, depth: int, source: str = "checkpoint", num_heads: int | None = None
+) -> int:
+    """The head count of an original DiT checkpoint, which its tensors do not carry.
+
+    In order: ``num_heads`` if given (it must agree with a ``train.py`` checkpoint's ``args.model``); the preset
+    that ``args.model`` names; the preset with this depth and hidden size (the released ``.pt`` files). Anything
+    else is ambiguous: hidden 384 could be 6 heads of 64 or 16 of 24, and a wrong guess loads silently wrong.
+
+    Raises:
+        CheckpointError: the count cannot be determined, contradicts ``args.model``, or does not divide ``hidden``.
+    """
+    from_args = _heads_of_args(checkpoint.get("args"), source)
+    if num_heads is not None:
+        if from_args is not None and from_args != num_heads:
+            raise CheckpointError(
+                f"{source}: num_heads={num_heads} contradicts its args.model {checkpoint['args'].model!r} "
+                f"({from_args} heads)"
+            )
+    elif from_args is not None:
+        num_heads = from_args
+    else:
+        presets = [name for name, (d, h, _) in DIT_SIZES.items() if (d, h) == (depth, hidden)]
+        if not presets:
+            raise CheckpointError(
+                f"{source}: a DiT of depth {depth} and hidden size {hidden} is no preset, and the head count is not "
+                "stored in its weights: pass num_heads (--model.dit_num_heads)"
+            )
+        num_heads = DIT_SIZES[presets[0]][2]
+    if num_heads < 1 or hidden % num_heads:
+        raise CheckpointError(f"{source}: num_heads={num_heads} does not divide the hidden size {hidden}")
+    return num_heads
 
 
 def convert_original_dit(
     checkpoint: dict[str, torch.Tensor], source: str = "checkpoint", num_heads: int | None = None
 ) -> DiTTransformer2DModel:
-    """Convert a facebookresearch/DiT state dict (or a train.py checkpoint with an ``ema`` key) to diffusers.
+    """Convert a facebookresearch/DiT state dict (or a ``train.py`` checkpoint: ``ema`` weights preferred, else
+    ``model``) to diffusers.
 
-    The architecture is read off the tensor shapes; the head count, which shapes do not carry, comes from the
-    DiT presets by hidden size unless given.
+    The architecture is read off the tensor shapes; the head count, which shapes do not carry, as
+    :func:`original_num_heads` decides.
     """
     state = checkpoint.get("ema", checkpoint.get("model", checkpoint)) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
         raise ValueError(f"{source} is not an original DiT checkpoint: no 'x_embedder.proj.weight' key")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    if num_heads is None:
-        by_hidden = {h: heads for _, h, heads in DIT_SIZES.values()}
-        if hidden not in by_hidden:
-            raise ValueError(f"{source}: hidden size {hidden} is no DiT preset; pass num_heads")
-        num_heads = by_hidden[hidden]
+    expected = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
+    expected |= {f"t_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}
+    expected |= {
+        f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")
+    }
+    block_parts = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    expected |= {
+        f"blocks.{d}.{part}.{kind}" for d in range(depth) for part in block_parts for kind in ("weight", "bias")
+    }
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ValueError(f"{source}: unexpected keys for an original DiT checkpoint: {unexpected[:5]}")
+    num_heads = original_num_heads(checkpoint, hidden, depth, source, num_heads)
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     table_rows = state["y_embedder.embedding_table.weight"].shape[0]
     tokens = state["pos_embed"].shape[1] if "pos_embed" in state else None
@@ -290,18 +412,6 @@ def convert_original_dit(
             converted[new + f"ff.net.0.proj.{kind}"] = state[old + f"mlp.fc1.{kind}"]
             converted[new + f"ff.net.2.{kind}"] = state[old + f"mlp.fc2.{kind}"]
         converted[new + "norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
-    expected = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
-    expected |= {f"t_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")}
-    expected |= {
-        f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")
-    }
-    block_parts = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
-    expected |= {
-        f"blocks.{d}.{part}.{kind}" for d in range(depth) for part in block_parts for kind in ("weight", "bias")
-    }
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise ValueError(f"{source}: unexpected keys for an original DiT checkpoint: {unexpected[:5]}")
     load_weights(dit, converted, source)
     if "pos_embed" in state and not torch.allclose(state["pos_embed"].float(), dit.pos_embed.pos_embed, atol=1e-5):
         raise ValueError(f"{source}: its fixed sin-cos positional embedding differs from the DiT layout")

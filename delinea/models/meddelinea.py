@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
@@ -13,6 +16,11 @@ from delinea.models import dit as dit_ops
 from delinea.models.control import ControlDiT
 from delinea.models.diffusion import NoiseSchedule, null_class, sample_latents
 from delinea.models.vae import MaskVAE
+
+#: The parts whose activations :meth:`MedDelinea.set_activation_checkpointing` can recompute in the backward pass:
+#: the Control DiT's blocks, the frozen base DiT's blocks (kept for the backward pass to the residuals) and the
+#: VAE decoder's mid and up blocks of L_seg.
+CHECKPOINT_PARTS = ("control", "base", "decoder")
 
 
 class MedDelinea(nn.Module):
@@ -24,10 +32,18 @@ class MedDelinea(nn.Module):
         control_blocks: K, how many base blocks the Control DiT copies (the paper uses 15 of 28).
         class_label: the DiT class label every sample is given; None is the DiT's null (unconditional) class,
             the last row of its label table (1000 for the released DiTs).
+        activation_checkpointing: parts of :data:`CHECKPOINT_PARTS` whose activations are recomputed in the
+            backward pass (``torch.utils.checkpoint``, non-reentrant, one transformer or decoder block at a time)
+            instead of kept: less memory for about one more forward pass of those parts. Gradients are the same.
     """
 
     def __init__(
-        self, dit: DiTTransformer2DModel, vae: MaskVAE, control_blocks: int = 15, class_label: int | None = None
+        self,
+        dit: DiTTransformer2DModel,
+        vae: MaskVAE,
+        control_blocks: int = 15,
+        class_label: int | None = None,
+        activation_checkpointing: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if dit.config.in_channels != vae.latent_channels:
@@ -44,6 +60,7 @@ class MedDelinea(nn.Module):
         self.class_label = class_label
         self.latent_channels = vae.latent_channels
         self.schedule = NoiseSchedule()
+        self.set_activation_checkpointing(activation_checkpointing)
         self.train()  # a new module is in train mode: put the frozen parts in eval from the start
 
     # -- structure -----------------------------------------------------------------------------------------
@@ -57,6 +74,17 @@ class MedDelinea(nn.Module):
         """The pretrained parts that never train: the base DiT and the VAE (encoder, decoder, RGB output)."""
         return [self.dit, self.vae.vae, self.vae.rgb_out]
 
+    def set_activation_checkpointing(self, parts: Iterable[str]) -> None:
+        """Recompute the activations of these parts (of :data:`CHECKPOINT_PARTS`) in the backward pass."""
+        parts = frozenset(parts)
+        unknown = sorted(parts - set(CHECKPOINT_PARTS))
+        if unknown:
+            raise ValueError(f"activation_checkpointing parts {unknown} unknown; expected some of {CHECKPOINT_PARTS}")
+        self.checkpointing = parts
+        decoder = self.vae.vae.decoder  # diffusers checkpoints its mid block and each up block when asked
+        decoder.gradient_checkpointing = "decoder" in parts
+        decoder._gradient_checkpointing_func = _checkpoint_call
+
     def train(self, mode: bool = True) -> MedDelinea:
         """Switch modes, but keep frozen parts in eval: the DiT's label embedder drops labels in train mode."""
         super().train(mode)
@@ -69,6 +97,11 @@ class MedDelinea(nn.Module):
         if image.ndim != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be (N, 1 or 3, H, W), got shape {tuple(image.shape)}")
         height, width = image.shape[-2:]
+        if height < self.size_multiple or width < self.size_multiple:
+            raise ValueError(
+                f"image size {height}x{width} (shape {tuple(image.shape)}) is smaller than {self.size_multiple} "
+                f"(VAE factor {self.vae.downsampling} x patch {self.dit.patch_size}), the smallest side it takes"
+            )
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(
                 f"image size {height}x{width} is not divisible by {self.size_multiple} "
@@ -89,15 +122,23 @@ class MedDelinea(nn.Module):
         self, noisy_mask_latent: torch.Tensor, timestep: torch.Tensor, image_latent: torch.Tensor
     ) -> torch.Tensor:
         """ε̂ of the steered DiT: (N, C, h, w) -> (N, C, h, w), the first C output channels."""
+        dit_ops.check_latent(self.dit, noisy_mask_latent)
+        if image_latent.shape != noisy_mask_latent.shape:
+            raise ValueError(
+                f"image latent {tuple(image_latent.shape)} and mask latent {tuple(noisy_mask_latent.shape)} differ"
+            )
         labels = self._labels(noisy_mask_latent.shape[0], noisy_mask_latent.device)
         timestep = timestep.expand(noisy_mask_latent.shape[0]) if timestep.ndim == 0 else timestep
-        residuals = self.control(noisy_mask_latent, image_latent, timestep, labels)  # K x (N, T, D)
+        residuals = self.control(
+            noisy_mask_latent, image_latent, timestep, labels, checkpoint="control" in self.checkpointing
+        )  # K x (N, T, D)
         out = dit_ops.forward(
             self.dit,
             noisy_mask_latent,
             timestep,
             labels,
             residual=lambda i, h: residuals[i] if i < len(residuals) else None,
+            checkpoint="base" in self.checkpointing,
         )
         return out[:, : self.latent_channels]
 
@@ -154,6 +195,12 @@ class MedDelinea(nn.Module):
         return probabilities, entropy / torch.log(torch.tensor(float(probabilities.shape[1])))
 
 
+def _checkpoint_call(module: nn.Module, *args: Any) -> Any:
+    """diffusers' block checkpointing hook, non-reentrant (as PyTorch recommends; the reentrant form needs an input
+    that requires gradients)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -199,6 +246,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 __all__ = [
+    "CHECKPOINT_PARTS",
     "INFERENCE_DTYPES",
     "NUM_CLASSES",
     "MedDelinea",

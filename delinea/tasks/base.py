@@ -348,7 +348,22 @@ class SegmentationTask(SeededSteps, LightningModule):
         losses = self.losses(batch, generator=self.step_generator(batch))
         check_finite(losses["loss"], batch, self.global_step)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
-        return losses["loss"]
+        return losses["loss"] * self.micro_batch_weight(int(batch["image"].shape[-1]))
+
+    def micro_batch_weight(self, window: int) -> float:
+        """The loss weight of a training micro-batch of this window size: Lightning averages the losses of an
+        optimiser step's micro-batches, so with micro-batches of different sizes (the datamodule's
+        ``micro_batch_size``) each is weighted by its size over their mean, and every sample weighs the same."""
+        if getattr(self, "_micro_weights", None) is None:
+            trainer = self._trainer
+            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+            plan = (
+                datamodule.micro_batch_plan(trainer.accumulate_grad_batches)
+                if hasattr(datamodule, "micro_batch_plan")
+                else None
+            )
+            self._micro_weights = plan[1] if plan is not None else {}
+        return float(self._micro_weights.get(window, 1.0))
 
     def on_validation_epoch_start(self) -> None:
         self._check_inference_window()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from delinea.errors import OptionError
@@ -17,7 +18,10 @@ from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
 from delinea.models.diffusion import make_sampler
 from delinea.models.dit import DIT_PRESETS
+from delinea.models.meddelinea import CHECKPOINT_PARTS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
+from delinea.models.memory import MemoryPlan, device_memory
+from delinea.models.memory import estimate as estimate_memory
 from delinea.models.vae import VAE_SIZES, MaskVAE
 from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
 from delinea.tasks.latent_cache import LatentCache
@@ -31,7 +35,11 @@ class MedDelineaTask(SegmentationTask):
 
     Args:
         dit: a DiT preset (``DiT-XL/2``, ``DiT-B/4``, ``DiT-tiny/2``, ... randomly initialised) or a local path to
-            a diffusers folder (``facebook/DiT-XL-2-256`` or its ``transformer/``) or an original DiT ``.pt``.
+            a diffusers folder (``facebook/DiT-XL-2-256`` or its ``transformer/``) or an original DiT ``.pt`` (a
+            released state dict, or a ``train.py`` checkpoint, whose EMA weights are taken).
+        dit_num_heads: attention heads of an original DiT ``.pt`` (its tensors do not carry them): None reads them
+            from a ``train.py`` checkpoint's ``args`` or from the preset of the same depth and hidden size, and
+            refuses a shape that matches no preset.
         vae: a VAE preset (``sd``, ``small``, ``tiny``) or a local diffusers ``AutoencoderKL`` folder.
         image_size: slice size the presets' positional embedding is laid out for (other sizes interpolate).
         control_blocks: K, base blocks copied into the Control DiT (paper: 15).
@@ -55,6 +63,11 @@ class MedDelineaTask(SegmentationTask):
         zero_image: replace the image latent by zeros (an ablation proving the model reads the image).
         ema_decay: keep an exponential moving average of the trainable weights (timm's ModelEmaV3, as DiT
             trains with one) and evaluate, test and predict with it; 0 turns it off.
+        activation_checkpointing: recompute activations in the backward pass instead of keeping them (same
+            gradients, less memory, about a third more training time): True for every part, or a list of
+            ``control`` (the Control DiT's blocks), ``base`` (the frozen DiT's blocks, whose activations the
+            backward pass to the residuals needs) and ``decoder`` (the VAE decoder of L_seg). The memory plan
+            printed at fit start shows what each part costs (:mod:`delinea.models.memory`).
         inference_dtype: precision of sampling in validation, test and predict: ``auto`` (bf16 autocast where the
             hardware has native bf16, a CUDA GPU or a CPU with AVX512-BF16/AMX; else float32), ``bfloat16`` or
             ``float32``. The sampler state and the probabilities stay float32 (benchmarks/fastpaths.py).
@@ -65,6 +78,7 @@ class MedDelineaTask(SegmentationTask):
     def __init__(
         self,
         dit: str = "DiT-XL/2",
+        dit_num_heads: int | None = None,
         vae: str = "sd",
         image_size: int = 256,
         control_blocks: int = 15,
@@ -82,8 +96,10 @@ class MedDelineaTask(SegmentationTask):
         zero_image: bool = False,
         ema_decay: float = 0.0,
         inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        activation_checkpointing: bool | list[Literal["control", "base", "decoder"]] = False,
         **kwargs: Any,
     ) -> None:
+        checkpoint_parts(activation_checkpointing)  # fail early on an unknown part
         if not 0 <= ema_decay < 1:
             raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
@@ -109,8 +125,14 @@ class MedDelineaTask(SegmentationTask):
         if hp.dit in DIT_PRESETS:
             dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
         else:
-            dit = load_dit(_existing(hp.dit, "dit"))
-        self.model = MedDelinea(dit, mask_vae, control_blocks=hp.control_blocks, class_label=hp.class_label)
+            dit = load_dit(_existing(hp.dit, "dit"), num_heads=hp.get("dit_num_heads"))
+        self.model = MedDelinea(
+            dit,
+            mask_vae,
+            control_blocks=hp.control_blocks,
+            class_label=hp.class_label,
+            activation_checkpointing=checkpoint_parts(hp.get("activation_checkpointing", False)),
+        )
         for module in self.model.frozen_modules():
             module.requires_grad_(False)
         self.model.vae.head.requires_grad_(hp.train_head)
@@ -147,6 +169,50 @@ class MedDelineaTask(SegmentationTask):
         self.load_state_dict(wanted, strict=False)
         if self.ema is not None:  # the average starts from the loaded weights
             self.ema = moving_average(self.trainable, self.hparams.ema_decay)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.report_memory_plan()
+
+    def memory_plans(self) -> list[MemoryPlan]:
+        """Estimated peak memory of a training micro-batch at each training window (delinea.models.memory)."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        windows = list(self.plan.window) if self.plan is not None else [self.hparams.image_size]
+        micro = getattr(datamodule, "micro_batch_size", None)
+        batch = int(getattr(datamodule, "batch_size", 1) or 1)
+        plans = []
+        for window in windows:
+            size = micro.get(window, batch) if isinstance(micro, dict) else (micro or batch)
+            plans.append(
+                estimate_memory(
+                    self.model,
+                    window,
+                    int(size),
+                    str(trainer.precision),
+                    self.model.checkpointing,
+                    ddp=trainer.world_size > 1,
+                )
+            )
+        return plans
+
+    def report_memory_plan(self) -> None:
+        """Print the memory plan (rank zero) and warn when a micro-batch would not fit the device."""
+        available = device_memory(self.device)
+        try:
+            plans = self.memory_plans()
+        except KeyError as error:  # no measured table for this precision
+            self.print(f"delinea: no memory plan: {error}")
+            return
+        for plan in plans:
+            self.print(f"delinea: {plan.describe(available)}")
+            if available is not None and plan.peak > available:
+                rank_zero_warn(
+                    f"delinea: a {plan.resolution}² micro-batch of {plan.micro_batch} needs about "
+                    f"{plan.peak / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB this device has: lower "
+                    "data.micro_batch_size for that size (raising trainer.accumulate_grad_batches to keep the step), "
+                    "or set model.activation_checkpointing"
+                )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -299,6 +365,22 @@ class MedDelineaTask(SegmentationTask):
             digest.update(key.encode())
             digest.update(own[key].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def checkpoint_parts(option: bool | Sequence[str]) -> tuple[str, ...]:
+    """The parts an ``activation_checkpointing`` option names: True is all of them, False none.
+
+    Raises:
+        OptionError: an unknown part, named with the ones there are.
+    """
+    if isinstance(option, bool):
+        return CHECKPOINT_PARTS if option else ()
+    unknown = [part for part in option if part not in CHECKPOINT_PARTS]
+    if unknown:
+        raise OptionError(
+            f"activation_checkpointing {unknown} unknown: give true, false or a list of {', '.join(CHECKPOINT_PARTS)}"
+        )
+    return tuple(option)
 
 
 def _existing(path: str, what: str) -> Path:

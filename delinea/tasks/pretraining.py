@@ -34,7 +34,7 @@ from delinea.errors import OptionError
 from delinea.evaluation import dice_from_counts, mean_dice, overlap_counts
 from delinea.labels import NUM_CLASSES, PALETTE, mask_to_rgb, rgb_to_mask
 from delinea.models.diffusion import NoiseSchedule, null_class
-from delinea.models.dit import DIT_PRESETS, build_dit, load_weights, read_weights, save_dit
+from delinea.models.dit import DIT_PRESETS, build_dit, check_square, load_weights, read_weights, save_dit
 from delinea.models.vae import MaskVAE, load_vae, save_vae, vae_from_sizes
 from delinea.tasks.base import SeededSteps, adamw_with_schedule, check_finite, check_schedule, moving_average
 
@@ -383,6 +383,7 @@ class DiTPretrainTask(BackbonePretrainTask):
         t = self.schedule.timesteps(len(latent), device=latent.device, generator=generator)
         noise = torch.randn(latent.shape, generator=generator, device=latent.device)
         labels = torch.full((len(latent),), null_class(dit), dtype=torch.long, device=latent.device)
+        check_square(dit, latent)  # diffusers' forward unpatchifies a square grid
         pred = dit(self.schedule.add_noise(latent, noise, t), timestep=t, class_labels=labels).sample
         return F.mse_loss(pred[:, : latent.shape[1]].float(), noise)
 
