@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from delinea.errors import CheckpointError
 from delinea.models import save_dit
 from delinea.tasks import MedDelineaTask
 from delinea.testing.backbones import write_backbones
@@ -165,7 +166,7 @@ def test_init_from_copies_control_branch_and_head(tmp_path: Path) -> None:
         trainer(tmp_path, 1).fit(
             MedDelineaTask(**{**config, "control_blocks": 3}, init_from=str(tmp_path / "pretrained.ckpt")), loader(4)
         )
-    with pytest.raises(FileNotFoundError, match=r"init_from='missing\.ckpt'"):
+    with pytest.raises(CheckpointError, match=r"init_from 'missing\.ckpt': no such checkpoint"):
         trainer(tmp_path, 1).fit(MedDelineaTask(**config, init_from="missing.ckpt"), loader(4))
     # Its own checkpoint loads for testing even once the init_from file is gone
     run = trainer(tmp_path, 1)

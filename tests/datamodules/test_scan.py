@@ -31,7 +31,7 @@ def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
     batches = list(dm.predict_dataloader())
     assert [len(b["case_id"]) for b in batches] == [4, 2]
     batch = batches[0]
-    assert set(batch) == {"image", "case_id", "slice_index", "cache_key", "region", "box"}
+    assert set(batch) == {"image", "case_id", "slice_index", "cache_key", "region", "box", "seed"}
     # whole slices at 0.8 mm: the body box (the phantom's whole 38.4 x 28 mm) + 10 mm a side, aspect kept
     rows, cols = Region.from_tensor(batch["region"][0]).size
     assert abs(rows * 0.8 - 58.4) <= 1.6 and abs(cols * 0.8 - 48.0) <= 1.6
