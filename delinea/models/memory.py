@@ -17,8 +17,9 @@ blocks, the decoder by pixels x its channel widths) and resolutions (by tokens o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,13 @@ class PartProfile:
         return {k: [round(v) for v in getattr(self, k)] for k in ("kept", "kept_checkpointed", "recompute")}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Sequence[float]]) -> PartProfile:
-        return cls(*(tuple(float(x) for x in data[k]) for k in ("kept", "kept_checkpointed", "recompute")))  # type: ignore[arg-type]
+    def from_dict(cls, data: Mapping[str, Sequence[float]]) -> PartProfile:
+        kept, checkpointed, recompute = (data[k] for k in ("kept", "kept_checkpointed", "recompute"))
+        return cls(
+            (float(kept[0]), float(kept[1])),
+            (float(checkpointed[0]), float(checkpointed[1])),
+            (float(recompute[0]), float(recompute[1])),
+        )
 
 
 @dataclass
@@ -120,7 +126,7 @@ def profile_part(
     parameters = list(parameters)
     numbers = []
     for n in (1, 2):
-        by_block, inputs, result = saved_bytes(lambda n=n: run(n), parameters, blocks)
+        by_block, inputs, result = saved_bytes(functools.partial(run, n), parameters, blocks)
         inside = {k: v for k, v in by_block.items() if k != "outside"}
         total = sum(by_block.values())
         numbers.append((total, by_block.get("outside", 0) + inputs, max(inside.values(), default=0)))
@@ -202,7 +208,13 @@ def _checkpointing_off(model: Any) -> Any:
 
 #: Where :data:`REFERENCE` was measured: DiT-XL/2 widths (hidden 1152, 16 heads), the SD VAE (f = 8, channels
 #: 128-256-512-512, 2 layers per block), 9 classes. Written by ``benchmarks/memory.py`` (CPU, torch 2.14).
-REFERENCE_MODEL = {"hidden": 1152, "patch": 2, "vae_channels": (128, 256, 512, 512), "vae_layers": 2, "f": 8}
+REFERENCE_MODEL: dict[str, Any] = {
+    "hidden": 1152,
+    "patch": 2,
+    "vae_channels": (128, 256, 512, 512),
+    "vae_layers": 2,
+    "f": 8,
+}
 #: Bytes per part (see :class:`PartProfile`) by dtype and resolution, printed by ``benchmarks/memory.py`` (CPU,
 #: 2026-12-02, 356 s). 512² is scaled from 256² (tokens, pixels); the slow paper-size test checks it against a
 #: measured 512² step. bf16 decoder bytes: fp32 x the bf16/fp32 ratio of its kept bytes at 64² (module docstring of

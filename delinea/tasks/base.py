@@ -357,11 +357,8 @@ class SegmentationTask(SeededSteps, LightningModule):
         if getattr(self, "_micro_weights", None) is None:
             trainer = self._trainer
             datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-            plan = (
-                datamodule.micro_batch_plan(trainer.accumulate_grad_batches)
-                if hasattr(datamodule, "micro_batch_plan")
-                else None
-            )
+            micro_batch_plan = getattr(datamodule, "micro_batch_plan", None)
+            plan = micro_batch_plan(trainer.accumulate_grad_batches) if micro_batch_plan is not None else None
             self._micro_weights = plan[1] if plan is not None else {}
         return float(self._micro_weights.get(window, 1.0))
 
