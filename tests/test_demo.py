@@ -155,3 +155,5 @@ def test_seed_spread_against_numpy() -> None:
     assert out["b"] == {"mean": pytest.approx(0.2), "std": pytest.approx(np.std([0.1, 0.3], ddof=1)), "min": 0.1,
                         "max": 0.3, "n": 2}  # fmt: skip
     assert spread({"0": {"a": 0.4}})["a"]["std"] == 0.0
+    absent = spread({"0": {"a": None, "b": None}, "1": {"a": 0.4, "b": None}})  # organ empty in prediction and truth
+    assert absent == {"a": {"mean": pytest.approx(0.4), "std": 0.0, "min": 0.4, "max": 0.4, "n": 1}}
