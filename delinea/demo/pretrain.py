@@ -197,6 +197,7 @@ def shipped_record(record: dict[str, Any]) -> dict[str, Any]:
         "steps": {name: run["steps"] for name, run in runs.items()},
         "best_val_mDSC": {name: run["best_val_mDSC"] for name, run in runs.items()},
         "downstream_mDSC": record.get("downstream", {}).get("mDSC"),
+        "downstream_liver": record.get("downstream", {}).get("liver"),
     }
     return {"summary": summary, **{k: v for k, v in record.items() if k != "runs"}, "runs": runs}
 
