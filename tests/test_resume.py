@@ -70,7 +70,7 @@ KILL = "--trainer.callbacks+=delinea.testing.faults.KillAtBatch"
 
 @pytest.mark.parametrize(
     "accumulate, steps, kills",
-    [(1, 6, ((3, 3), (4, 4))), (2, 4, ((4, 2),))],
+    [(1, 6, ((3, 3), (4, 4))), pytest.param(2, 4, ((4, 2),), marks=pytest.mark.slow)],  # slow: suite < 10 min
     ids=["at-an-epoch-end-then-mid-epoch", "mid-accumulation"],
 )
 def test_killed_run_resumes_bit_identical(
