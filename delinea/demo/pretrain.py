@@ -132,15 +132,14 @@ def downstream(record: dict[str, Any], out: Path) -> dict[str, Any]:
     the liver Dice. These are test numbers: nothing is chosen by them."""
     from delinea.demo.run import Demo
 
-    per_seed: dict[str, dict[str, dict[str, float]]] = {"mDSC": {}, "liver": {}}
+    tests = {}
     for seed in record["seeds"]:
         models = {kind: Path(record["runs"][f"{kind}_seed{seed}"]["checkpoint"]) for kind in MODELS}
-        summary = Demo(out / f"downstream_seed{seed}", smoke=False, models=models).run()
-        tests = summary["tests"]
-        per_seed["mDSC"][str(seed)] = {name: test["mDSC"] for name, test in tests.items()}
-        per_seed["liver"][str(seed)] = {name: test["organs"]["liver"]["dice"] for name, test in tests.items()}
-    return {"per_seed": per_seed["mDSC"], "mDSC": spread(per_seed["mDSC"]),
-            "liver_per_seed": per_seed["liver"], "liver": spread(per_seed["liver"])}  # fmt: skip
+        tests[str(seed)] = Demo(out / f"downstream_seed{seed}", smoke=False, models=models).run()["tests"]
+    mdsc = {seed: {name: test["mDSC"] for name, test in seed_tests.items()} for seed, seed_tests in tests.items()}
+    liver = {seed: {name: test["organs"]["liver"]["dice"] for name, test in seed_tests.items()}
+             for seed, seed_tests in tests.items()}  # fmt: skip
+    return {"per_seed": mdsc, "mDSC": spread(mdsc), "liver_per_seed": liver, "liver": spread(liver)}
 
 
 def spread(per_seed: Mapping[str, Mapping[str, float | None]]) -> dict[str, dict[str, float]]:
