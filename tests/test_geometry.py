@@ -23,6 +23,7 @@ from delinea.datamodules.plan import (
     offset_range,
     tile_offsets,
     to_lattice,
+    window_offsets,
 )
 from delinea.labels import ORGAN_IDS
 from delinea.main import main
@@ -98,6 +99,12 @@ def test_round_trip_of_the_sample_labels_through_the_plan() -> None:
 def test_windows_cover_and_pad() -> None:
     # training: a long slice is cut with the window centred anywhere on it, a short one lies inside the window
     assert offset_range(300, 256) == (-128, 171) and offset_range(100, 256) == (-156, 0)
+    # centre_short: a short slice lies where inference's single window puts it; a long one is still cut anywhere
+    assert offset_range(100, 256, centre_short=True) == (-78, -78) == (tile_offsets(100, 256)[0],) * 2
+    assert offset_range(300, 256, centre_short=True) == (-128, 171)
+    rng = np.random.default_rng(0)
+    starts = {window_offsets((100, 300), 256, rng, centre_short=True) for _ in range(50)}
+    assert {top for top, _ in starts} == {-78} and len({left for _, left in starts}) > 10
     # inference windows (256, stride 128) on the lattice: a region from pixel 200 of 300 pixels becomes 72 + 300 + 12
     assert lattice_padding(200, 300, 256, 128) == (72, 12)
     assert lattice_padding(-63, 125, 128, 64) == (1, 2)  # a region shorter than a window is centred in it
@@ -138,6 +145,15 @@ def test_non_square_fields_of_view_are_not_stretched(tmp_path: Path) -> None:
         window = dm.dataset("train")[(1, 32, 7)]["mask"]
         rows, cols = torch.nonzero(window == ORGAN_IDS["liver"], as_tuple=True)
         assert rows.max() - rows.min() == cols.max() - cols.min() == 11
+    # centre_short: the 23 x 23 slice sits in every 32-pixel training window as the inference window holds it
+    dm = FolderDataModule(
+        root=str(tmp_path), modality="ct", split="all", resolution=32, spacing=2.0, centre_short=True,
+        split_file=str(tmp_path / "split.json"),
+    )  # fmt: skip
+    windows = [dm.dataset("train")[(1, 32, seed)] for seed in range(6)]
+    assert len({w["cache_key"] for w in windows}) == 1
+    expected = crop_window(dm.dataset("val")[1]["mask"], -4, -4, 32, 0)  # lattice_padding(0, 23, 32, 32) = (4, 5)
+    assert all(torch.equal(w["mask"], expected) for w in windows)
 
 
 # -- the plan through the CLI, in checkpoints, and across scanners ---------------------------------------

@@ -109,6 +109,9 @@ class MedSegDataModule(LightningDataModule, ABC):
             evaluation.
         plan_file: a plan JSON to read (or, when fitting without one, where to write the computed plan).
         foreground_share: share of training windows centred on a labelled pixel.
+        centre_short: a slice shorter than the training window along an axis lies centred in it, where inference
+            puts it (fixed windows: no translation to learn, and latent-cache keys that repeat), instead of
+            anywhere in the slack (a random translation).
         body_margin: for a new plan, the margin in mm around each case's body box that slices are cut to; None
             keeps whole slices. A model's plan keeps its own.
     """
@@ -131,6 +134,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         spacing: float | None = None,
         plan_file: str | None = None,
         foreground_share: float = 0.33,
+        centre_short: bool = False,
         body_margin: float | None = 10.0,
     ) -> None:
         super().__init__()
@@ -160,6 +164,7 @@ class MedSegDataModule(LightningDataModule, ABC):
         self.spacing = None if spacing is None else check_spacing(spacing)
         self.plan_file = None if plan_file is None else Path(plan_file).expanduser()
         self.foreground_share = float(foreground_share)
+        self.centre_short = bool(centre_short)
         self.body_margin = body_margin
         #: The geometry every loader serves; resolved once, before the first loader (:meth:`plan_for`).
         self.plan: Plan | None = None
@@ -425,6 +430,7 @@ class MedSegDataModule(LightningDataModule, ABC):
             augment=augment,
             foreground=foreground,
             foreground_share=self.foreground_share,
+            centre_short=self.centre_short,
             cache_cases=self.cache_cases,
             ignore_unknown_labels=self._ignore_unknown,
             affine_tolerance=self.affine_tolerance,

@@ -59,6 +59,8 @@ class SliceDataset(Dataset):
         augment: apply random training augmentation to training windows (and leave ``cache_key`` empty).
         foreground: per-sample foreground flags, if known.
         foreground_share: share of training windows centred on a labelled pixel.
+        centre_short: a slice shorter than the training window along an axis is centred in it (where inference
+            puts it) instead of placed anywhere in the slack.
         cache_cases: volumes kept per worker.
         ignore_unknown_labels: map unknown label ids to background instead of raising.
         affine_tolerance: image/label affine tolerance in mm.
@@ -79,6 +81,7 @@ class SliceDataset(Dataset):
         augment: bool = False,
         foreground: np.ndarray | None = None,
         foreground_share: float = 0.33,
+        centre_short: bool = False,
         cache_cases: int = 4,
         ignore_unknown_labels: bool = False,
         affine_tolerance: float = 1e-3,
@@ -99,6 +102,7 @@ class SliceDataset(Dataset):
         self.augment = augment
         self.foreground = foreground
         self.foreground_share = float(foreground_share)
+        self.centre_short = centre_short
         self.cache_cases = max(1, int(cache_cases))
         self.ignore_unknown_labels = ignore_unknown_labels
         self.affine_tolerance = affine_tolerance
@@ -230,7 +234,9 @@ class SliceDataset(Dataset):
         if window:
             rng = np.random.default_rng(seed)
             centred = mask is not None and rng.random() < self.foreground_share
-            top, left = window_offsets(tuple(image.shape[-2:]), window, rng, mask if centred else None)
+            top, left = window_offsets(
+                tuple(image.shape[-2:]), window, rng, mask if centred else None, self.centre_short
+            )
             crop = (window, top, left)
             image = crop_window(image, top, left, window, IMAGE_FILL)
             if mask is not None:

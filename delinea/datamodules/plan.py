@@ -393,12 +393,16 @@ def from_lattice(values: torch.Tensor, region: Region, axes: Axes, box: Sequence
 # Windows
 
 
-def offset_range(length: int, window: int) -> tuple[int, int]:
+def offset_range(length: int, window: int, centre_short: bool = False) -> tuple[int, int]:
     """Smallest and largest training window start along an axis of ``length`` pixels, matching where inference
-    windows put the slice: a slice shorter than the window lies wholly inside it (anywhere in the slack; inference
-    centres it), a longer one is cut with the window's centre anywhere on it (inference windows on the lattice
-    reach up to a stride past its edges). Negative starts and ends past the slice are padded."""
+    windows put the slice: a slice shorter than the window lies wholly inside it (anywhere in the slack, or with
+    ``centre_short`` centred as inference centres it), a longer one is cut with the window's centre anywhere on it
+    (inference windows on the lattice reach up to a stride past its edges). Negative starts and ends past the slice
+    are padded."""
     if length <= window:
+        if centre_short:
+            start = -lattice_padding(0, length, window, window)[0]
+            return start, start
         return length - window, 0
     return -(window // 2), length - 1 - window // 2
 
@@ -408,14 +412,16 @@ def window_offsets(
     window: int,
     rng: np.random.Generator,
     foreground: torch.Tensor | None = None,
+    centre_short: bool = False,
 ) -> tuple[int, int]:
-    """A random window start (top, left) for a slice of ``shape``.
+    """A random window start (top, left) for a slice of ``shape`` (along an axis shorter than the window, the
+    slice is centred with ``centre_short``; see :func:`offset_range`).
 
     With ``foreground`` (a mask of the slice), the window is centred on one of its labelled pixels, chosen by
     first drawing a class present, then a pixel of it, so small organs are centred as often as large ones
     (nnU-Net's foreground oversampling); then clipped to :func:`offset_range`.
     """
-    ranges = [offset_range(int(n), window) for n in shape[:2]]
+    ranges = [offset_range(int(n), window, centre_short) for n in shape[:2]]
     if foreground is not None:
         classes = [int(c) for c in torch.unique(foreground) if c > 0]
         if classes:
