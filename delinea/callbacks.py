@@ -1,6 +1,7 @@
 """What writes files during a run; the tasks only compute. The callbacks that write what ``delinea test`` and
 ``delinea predict`` produce check their outputs before the first batch, so a run that would refuse to overwrite, or
-could not write, stops before any computation. :class:`AtomicCheckpointIO` writes checkpoints whole or not at all.
+could not write, stops before any computation. :class:`AtomicCheckpointIO` writes checkpoints whole or not at all, and
+:class:`NewestLastCheckpoint` keeps ``last.ckpt`` the newest state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from delinea.evaluation import save_overlays, write_reports
@@ -51,6 +52,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+
+
+class NewestLastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` (``save_last``) is always the newest state.
+
+    Lightning 2.6 rewrites ``last.ckpt`` only when it saves another checkpoint in the same step: with a monitor it
+    is the best state, not the last, and a run stopped by ``max_time`` between two ``every_n_train_steps`` saves
+    loses its final steps. This one also writes it after every validation and when training ends, so
+    ``--ckpt_path last`` resumes where the run stopped and a finished run's ``last.ckpt`` is its final model.
+    The CLI gives every ``ModelCheckpoint`` with ``save_last`` this behaviour."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_newest(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_newest(trainer)
+
+    def _save_newest(self, trainer: Trainer) -> None:
+        # skipped in the sanity check, after the fit, and when this step was saved already
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -> Path:

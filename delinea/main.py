@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import delinea
-from delinea.callbacks import AtomicCheckpointIO, PredictionWriter, TestReport
+from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
 from delinea.datamodules import DATAMODULES, MedSegDataModule
 from delinea.errors import UserError
 from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
@@ -147,8 +148,9 @@ class NumberedConfigSaver(SaveConfigCallback):
 
 
 class OneLineErrorsCLI(LightningCLI):
-    """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, and
-    whose checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`)."""
+    """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, whose
+    checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), and whose ``last.ckpt``
+    is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`)."""
 
     def instantiate_classes(self) -> None:
         try:
@@ -160,6 +162,9 @@ class OneLineErrorsCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a writer the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in trainer.callbacks:
+            if type(callback) is ModelCheckpoint and callback.save_last:  # adds behaviour, no state
+                callback.__class__ = NewestLastCheckpoint
         return trainer
 
 

@@ -107,6 +107,26 @@ def test_killed_run_resumes_bit_identical(
     assert not torch.equal(stopped[key], result[key])
 
 
+@pytest.mark.parametrize(
+    "checkpointing",
+    [["--trainer.callbacks.every_n_train_steps", "5", "--trainer.callbacks.save_top_k", "-1"],
+     ["--trainer.callbacks.monitor", "step", "--trainer.callbacks.mode", "min",  # best: the first validation
+      "--trainer.callbacks.save_top_k", "1", "--trainer.limit_train_batches", "2"]],
+    ids=["every-5-steps", "monitored"],
+)  # fmt: skip
+def test_last_checkpoint_is_the_final_state(btcv: Path, tmp_path: Path, checkpointing: list[str]) -> None:
+    """Lightning alone would leave last.ckpt at step 5, or at the best validation: a resume or a finished run's
+    model would silently lose the steps after it."""
+    main(["fit", "--config", str(CONF / "unet_btcv.yaml"), "--data.root", str(btcv), "--data.split_file",
+          str(tmp_path / "split.json"), "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps",
+          "7", "--trainer.logger", "false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          "--trainer.callbacks.save_last", "true", *checkpointing])  # fmt: skip
+    (last,) = (tmp_path / "run").rglob("last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
+    saved = {torch.load(p, map_location="cpu", weights_only=True)["global_step"] for p in last.parent.glob("*.ckpt")}
+    assert len(saved) > 1  # the other checkpoints were written earlier: the test tells the two behaviours apart
+
+
 def test_ckpt_path_last_without_a_checkpoint_stops(btcv: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONF / "meddelinea_btcv.yaml"), "--data.root", str(btcv),
