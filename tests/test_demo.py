@@ -161,6 +161,35 @@ def test_seed_spread_against_numpy() -> None:
     assert absent == {"a": {"mean": pytest.approx(0.4), "std": 0.0, "min": 0.4, "max": 0.4, "n": 1}}
 
 
+def test_pretraining_selects_each_models_windows_by_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's bookkeeping with the trainings replaced: each model keeps the window placement of its own
+    better validation run, and its seed runs get that placement (MedDelinea's centred windows with the cache)."""
+    from delinea.demo import pretrain as driver
+
+    scores = {"meddelinea_select_random_windows": 0.06, "meddelinea_select_centred_windows": 0.07,
+              "unet_select_random_windows": 0.75, "unet_select_centred_windows": 0.64}  # fmt: skip
+    launched: dict[str, list[str]] = {}
+
+    def run(jobs: dict[str, list[str]], logs: Path) -> dict[str, float]:
+        launched.update(jobs)
+        return dict.fromkeys(jobs, 1.0)
+
+    def curves(run: Path) -> dict[str, object]:
+        best = scores.get(run.name, 0.5)
+        return {"steps": 10, "best_val_mDSC": best, "best_step": 9, "train_loss": [], "val_mDSC": [(9, best)],
+                "checkpoint": str(run / "best.ckpt")}  # fmt: skip
+
+    monkeypatch.setattr(driver, "run_side_by_side", run)
+    monkeypatch.setattr(driver, "curves", curves)
+    record = driver.main(["--out", str(tmp_path), "--seeds", "0", "--minutes", "1", "--select-minutes", "1"])
+    assert record["selection"]["meddelinea"]["chosen"] == "meddelinea_select_centred_windows"
+    assert record["selection"]["unet"]["chosen"] == "unet_select_random_windows"
+    med, unet = " ".join(launched["meddelinea_seed0"]), " ".join(launched["unet_seed0"])
+    assert "--data.centre_short true" in med and f"--model.latent_cache {tmp_path / 'meddelinea_seed0'}" in med
+    assert "--data.centre_short false" in unet and "latent_cache" not in unet
+    assert json.loads((tmp_path / "record.json").read_text())["shipped_unet"] == "unet_seed0"
+
+
 @pytest.mark.parametrize("model, least", [("meddelinea", 0.3), ("unet", 0.8)])
 def test_shipped_models_segment_a_scan_from_a_copied_folder(
     model: str, least: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]

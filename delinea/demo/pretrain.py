@@ -1,7 +1,7 @@
 """Pretrain the demo's MedDelinea and UNet on the CT training slabs, as the paper pretrains on ATLAS-8k, and ship
 the chosen ones as model folders (``delinea/demo/weights/meddelinea``, ``.../unet``).
 
-    python -m delinea.demo.pretrain                         # select, then pretrain seeds 0 and 1 (1.5 h on 2 cores)
+    python -m delinea.demo.pretrain                         # select, then pretrain seeds 0 and 1 (1 h 40 on 2 cores)
     python -m delinea.demo.pretrain --seeds 0 1 --minutes 40 --select-minutes 10
     python -m delinea.demo.pretrain --reuse --downstream --ship   # test every seed downstream, ship the chosen one
 
@@ -9,12 +9,12 @@ Protocol, fixed before any training:
 
 * validation slices are two 5-slice slabs inside the CT training slabs (:data:`CT_VALIDATION`), removed from
   training; the held-out slab and the MR are never read here;
-* ``--select-minutes`` > 0 first trains MedDelinea (seed 0) for that long with each :data:`SELECTION` candidate,
-  side by side: training windows placed anywhere around a slice shorter than the window, or centred on it as
-  inference centres it; the better best validation mDSC chooses for both models, so that the UNet trains on the
-  same windows. Earlier selections of the same kind chose no augmentation (best validation mDSC 0.067 without,
-  0.053 with; 10 minutes each) and ``timestep_bias`` 2 (0.093 against 0.077 for the paper's uniform draw; 15
-  minutes each);
+* ``--select-minutes`` > 0 first trains each model (seed 0) for that long with each :data:`SELECTION`
+  candidate, side by side: training windows placed anywhere around a slice shorter than the window, or centred on
+  it as inference centres it; each model keeps the candidate with its better best validation mDSC, so that each
+  is compared at its own best setting. Earlier selections of the same kind, on MedDelinea, chose no augmentation
+  for both models (best validation mDSC 0.067 without, 0.053 with; 10 minutes each) and ``timestep_bias`` 2
+  (0.093 against 0.077 for the paper's uniform draw; 15 minutes each);
 * every seed then trains MedDelinea and the UNet side by side, one CPU thread each, for the same wall-clock
   budget, logging the training loss and the validation Dice; each run keeps its best checkpoint by validation mDSC,
   and the seed with the best validation mDSC is shipped.
@@ -207,7 +207,7 @@ def shipped_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    """Select the timestep draw (optional), then pretrain both models for every seed, side by side."""
+    """Select each model's window placement (optional), then pretrain both models for every seed, side by side."""
     root, split_file = prepare_pretraining(args.out / "data")
     record: dict[str, Any] = {
         "protocol": (__doc__ or "").split("\n\n", 2)[2].strip(),
@@ -216,26 +216,29 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": args.seeds,
         "runs": {},
     }
-    chosen: list[str] = []
+    chosen: dict[str, list[str]] = {model: [] for model in MODELS}
     if args.select_minutes > 0:
-        jobs = {name: command("meddelinea", 0, args.select_minutes, root, split_file, args.out / name, options)
-                for name, options in SELECTION.items()}  # fmt: skip
-        run_side_by_side(jobs, args.out / "logs")
-        selection = {name: curves(args.out / name) for name in jobs}
-        best = max(selection, key=lambda n: selection[n]["best_val_mDSC"] or 0.0)
-        chosen = SELECTION[best]
-        record["selection"] = {
-            "commands": {n: " ".join(c) for n, c in jobs.items()},
-            "chosen": best,
-            **{n: {k: v for k, v in c.items() if k != "checkpoint"} for n, c in selection.items()},
-        }
+        record["selection"] = {}
+        for model in MODELS:  # each model's candidates side by side; each model keeps its own best
+            jobs = {f"{model}_{name}": command(model, 0, args.select_minutes, root, split_file,
+                                               args.out / f"{model}_{name}", options)
+                    for name, options in SELECTION.items()}  # fmt: skip
+            run_side_by_side(jobs, args.out / "logs")
+            selection = {name: curves(args.out / name) for name in jobs}
+            best = max(selection, key=lambda n: selection[n]["best_val_mDSC"] or 0.0)
+            chosen[model] = SELECTION[best.removeprefix(f"{model}_")]
+            record["selection"][model] = {
+                "commands": {n: " ".join(c) for n, c in jobs.items()},
+                "chosen": best,
+                **{n: {k: v for k, v in c.items() if k != "checkpoint"} for n, c in selection.items()},
+            }
     else:
         record["selection"] = "skipped: the data options of the configs as they stand"
     for seed in args.seeds:
         jobs = {}
         for model in MODELS:
             name = f"{model}_seed{seed}"
-            jobs[name] = command(model, seed, args.minutes, root, split_file, args.out / name, chosen)
+            jobs[name] = command(model, seed, args.minutes, root, split_file, args.out / name, chosen[model])
         seconds = run_side_by_side(jobs, args.out / "logs")
         for name, cmd in jobs.items():
             record["runs"][name] = {"command": " ".join(cmd), "wall_seconds": seconds[name], **curves(args.out / name)}
