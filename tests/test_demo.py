@@ -190,13 +190,13 @@ def test_pretraining_selects_each_models_windows_by_validation(tmp_path: Path, m
     assert json.loads((tmp_path / "record.json").read_text())["shipped_unet"] == "unet_seed0"
 
 
-@pytest.mark.parametrize("model, least", [("meddelinea", 0.3), ("unet", 0.8)])
+@pytest.mark.parametrize("model, least", [("meddelinea", 0.4), ("unet", 0.8)])
 def test_shipped_models_segment_a_scan_from_a_copied_folder(
     model: str, least: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's one-command predict with a shipped model, from a copy of the weights folder (as in a fresh
     clone: backbone paths are stored relative to it) on 4 slices of the held-out CT slab: the segmentation lies on
-    the scan's grid and finds its liver (held-out liver Dice of the shipped models: 0.51 and 0.93 on the slab)."""
+    the scan's grid and finds its liver (held-out liver Dice of the shipped models: 0.66 and 0.93 on the slab)."""
     for name in (model, "dit", "vae"):
         shutil.copytree(WEIGHTS / name, tmp_path / "weights" / name)
     config = json.loads((tmp_path / "weights" / model / "config.json").read_text())["hyper_parameters"]
