@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from delinea.datamodules.plan import (
     to_lattice,
     window_offsets,
 )
+from delinea.datamodules.store import SliceStore
 from delinea.datamodules.transforms import augmentation
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
 from delinea.io import DatasetError
@@ -114,6 +115,10 @@ class SliceDataset(Dataset):
         self._stat = [files.stat_key() for files in self.files]
         self._transforms: dict[int, Any] = {}
         self._cache: OrderedDict[int, LoadedCase] = OrderedDict()
+        #: Whole-volume reads of this process per case number (a volume read again after leaving the cache counts).
+        self.reads: Counter[int] = Counter()
+        self.store: SliceStore | None = None
+        self._records: list[dict[str, Any]] | None = None
         self._boxes: dict[tuple[int, bool], tuple[int, int, int, int]] = {}
 
     def __len__(self) -> int:
@@ -133,6 +138,7 @@ class SliceDataset(Dataset):
             self.files[number], self.spec, self.intensity, self.ignore_unknown_labels, self.affine_tolerance,
             self.nonfinite,
         )  # fmt: skip
+        self.reads[number] += 1
         self._cache[number] = loaded
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
@@ -172,28 +178,68 @@ class SliceDataset(Dataset):
             self._boxes[key] = body_box(loaded.body_profiles(BODY_THRESHOLD)) if crop else (0, x, 0, y)
         return self._boxes[key]
 
-    def resampled(
-        self, index: int
-    ) -> tuple[LoadedCase, Region, tuple[int, int, int, int], torch.Tensor, torch.Tensor | None]:
-        """Slice ``index`` normalised and resampled onto the plan's lattice over the case's body box: (case, region,
-        the scan's voxels it covers, image (1, h, w), mask (h, w))."""
+    def use_store(self, store: SliceStore | None, records: Sequence[dict[str, Any]] | None = None) -> None:
+        """Serve slices from ``store`` (its checked ``records``, one per case in order), or from the source files
+        (None)."""
+        self.store = store
+        self._records = list(records) if store is not None and records is not None else None
+
+    def layout(self, number: int) -> tuple[str, Region, tuple[int, int, int, int]]:
+        """Case ``number``'s modality, the lattice region its slices are served on (the body box at the plan's
+        spacing) and the scan's voxels ``(x0, x1, y0, y1)`` that region covers."""
+        if self.store is not None and self._records is not None:
+            record = self._records[number]
+            x0, x1, y0, y1, spacing = record["region"]
+            box = record["box"]
+            return record["modality"], Region(int(x0), int(x1), int(y0), int(y1), float(spacing)), (
+                int(box[0]), int(box[1]), int(box[2]), int(box[3]))  # fmt: skip
         if self.plan is None:
             raise RuntimeError(f"{self.name}: the dataset has no plan yet; the datamodule sets it before loading")
-        number, k = int(self.case_of[index]), int(self.slice_of[index])
         loaded = self.case(number)
-        geometry = loaded.volume.geometry
-        axes = Axes.of(geometry.canonical_affine, geometry.canonical_shape)
-        margin = self.plan.body_margin or 0.0
-        region = axes.region(self.box(number, loaded), self.plan.spacing_for(loaded.modality), margin)
-        native = torch.from_numpy(loaded.image_slice(k, self.intensity))
-        image = to_lattice(native[None], axes, region).clamp_(-1.0, 1.0)  # (1, h, w)
-        mask = None
-        if self.spec is not None:
-            if loaded.label is not None:
-                mask = mask_to_lattice(loaded.label[:, :, k], axes, region, NUM_CLASSES)
-            else:
-                mask = torch.zeros(region.size, dtype=torch.int64)
-        return loaded, region, axes.voxels_in(region), image, mask
+        axes = _axes(loaded)
+        region = axes.region(self.box(number, loaded), self.plan.spacing_for(loaded.modality), self.plan.body_margin or 0.0)
+        return loaded.modality, region, axes.voxels_in(region)
+
+    def lattice(
+        self,
+        number: int,
+        k: int,
+        region: Region,
+        top: int = 0,
+        left: int = 0,
+        size: tuple[int, int] | None = None,
+        image: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Slice ``k`` of case ``number`` on the plan's lattice: the ``size`` rectangle (default: the whole
+        ``region``) from ``(top, left)`` of the region, background outside it. Returns the image (1, h, w) float32
+        in [-1, 1] with float16 precision (None unless ``image``) and the unified mask (h, w) int64 (None for
+        unlabelled data).
+
+        From the source files only the rectangle is resampled, and it holds exactly the pixels that resampling the
+        whole slice gives there; from the store it is cut out of the memory-mapped arrays. Both serve the same
+        tensors."""
+        rows, cols = size if size is not None else region.size
+        if self.store is not None:
+            stored_image, stored_label = self.store.arrays(self.files[number].case_id)
+            out_image = _cut(stored_image[k], top, left, rows, cols, IMAGE_FILL).float()[None] if image else None
+            if self.spec is None:
+                return out_image, None
+            if stored_label is None:
+                return out_image, torch.zeros((rows, cols), dtype=torch.int64)
+            return out_image, _cut(stored_label[k], top, left, rows, cols, 0).long()
+        loaded = self.case(number)
+        axes = _axes(loaded)
+        part = Region(region.x0 + top, region.x0 + top + rows, region.y0 + left, region.y0 + left + cols, region.spacing)
+        out_image = None
+        if image:
+            native = torch.from_numpy(loaded.image_slice(k, self.intensity))
+            resampled = to_lattice(native[None], axes, part).clamp_(-1.0, 1.0)
+            out_image = _outside(resampled, region, part, IMAGE_FILL).half().float()  # what the store holds
+        if self.spec is None:
+            return out_image, None
+        if loaded.label is None:
+            return out_image, torch.zeros((rows, cols), dtype=torch.int64)
+        return out_image, _outside(mask_to_lattice(loaded.label[:, :, k], axes, part), region, part, 0)
 
     def __getitem__(self, key: int | Request) -> dict[str, Any]:
         index, window, seed = (key, 0, 0) if isinstance(key, (int, np.integer)) else key
@@ -221,42 +267,71 @@ class SliceDataset(Dataset):
 
     def sample(self, index: int, window: int, seed: int) -> dict[str, Any]:
         """Slice ``index`` whole (``window`` 0) or a ``window`` crop of it placed (and augmented) by ``seed``."""
-        loaded, region, box, image, mask = self.resampled(index)
+        number, k = int(self.case_of[index]), int(self.slice_of[index])
+        modality, region, box = self.layout(number)
         sample: dict[str, Any] = {
-            "case_id": loaded.files.case_id,
-            "slice_index": int(self.slice_of[index]),
+            "case_id": self.files[number].case_id,
+            "slice_index": k,
             "region": region.as_tensor(),
             "box": torch.tensor(box),
             "seed": seed,
         }
         crop = None
         augment = False
-        if window:
+        if not window:
+            image, mask = self.lattice(number, k, region)
+        else:
             rng = np.random.default_rng(seed)
-            centred = mask is not None and rng.random() < self.foreground_share
-            top, left = window_offsets(
-                tuple(image.shape[-2:]), window, rng, mask if centred else None, self.centre_short
-            )
+            centred = self.spec is not None and rng.random() < self.foreground_share
+            # Only a window centred on an organ needs the whole slice's mask (to pick the organ pixel).
+            foreground = self.lattice(number, k, region, image=False)[1] if centred else None
+            top, left = window_offsets(region.size, window, rng, foreground, self.centre_short)
             crop = (window, top, left)
-            image = crop_window(image, top, left, window, IMAGE_FILL)
-            if mask is not None:
-                mask = crop_window(mask, top, left, window, 0)
+            image, mask = self.lattice(number, k, region, top, left, (window, window))
             augment = self.augment and mask is not None
-            if augment and mask is not None:
+            if augment and mask is not None and image is not None:
                 transform = self.transform(window)
                 transform.set_random_state(seed=seed)  # the sample's own draw: workers and resumes agree
                 out = transform({"image": image, "mask": mask[None].float()})
                 image = _plain(out["image"]).float().clamp_(-1.0, 1.0)
                 mask = _plain(out["mask"])[0].round().long()
+        assert image is not None
         sample["image"] = image.contiguous()
         if mask is None:
             sample["cache_key"] = ""
             return sample
-        number = int(self.case_of[index])
         sample["mask"] = mask.contiguous()
         sample["labelled"] = self.labelled[number].clone()
-        sample["cache_key"] = "" if augment else self.cache_key(index, region, loaded.modality, crop)
+        sample["cache_key"] = "" if augment else self.cache_key(index, region, modality, crop)
         return sample
+
+
+def _axes(loaded: LoadedCase) -> Axes:
+    geometry = loaded.volume.geometry
+    return Axes.of(geometry.canonical_affine, geometry.canonical_shape)
+
+
+def _outside(values: torch.Tensor, region: Region, part: Region, fill: float) -> torch.Tensor:
+    """``values`` on ``part`` of the lattice with the pixels outside ``region`` set to ``fill`` (a window reaching
+    past the body box is padded, as a crop of the whole slice would be)."""
+    top, bottom = max(0, region.x0 - part.x0), max(0, part.x1 - region.x1)
+    left, right = max(0, region.y0 - part.y0), max(0, part.y1 - region.y1)
+    if top or bottom or left or right:
+        rows, cols = part.size
+        values[..., : min(top, rows), :] = fill
+        values[..., rows - min(bottom, rows) :, :] = fill
+        values[..., :, : min(left, cols)] = fill
+        values[..., :, cols - min(right, cols) :] = fill
+    return values
+
+
+def _cut(array: np.ndarray, top: int, left: int, rows: int, cols: int, fill: float) -> torch.Tensor:
+    """The ``rows x cols`` rectangle of a stored slice (a memory map) from ``(top, left)``, ``fill`` outside; only
+    its rows inside the slice are read."""
+    height, width = array.shape
+    y0, y1, x0, x1 = max(0, top), max(0, min(height, top + rows)), max(0, left), max(0, min(width, left + cols))
+    inside = torch.from_numpy(np.array(array[y0:y1, x0:x1]))
+    return crop_window(inside, top - y0, left - x0, (rows, cols), fill)
 
 
 def _plain(x: Any) -> torch.Tensor:

@@ -350,30 +350,58 @@ def to_lattice(values: torch.Tensor, axes: Axes, region: Region, fill: float = I
     sigmas = [max(0.0, (target / s - 1) / 2) for s in axes.spacing]
     if any(sigma > 0.1 for sigma in sigmas):
         values = _blur((values.float() - fill)[None], sigmas)[0] + fill
-    rows = (
-        (region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * target - axes.origin[0]
-    ) / axes.spacing[0]
-    cols = (
-        (region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * target - axes.origin[1]
-    ) / axes.spacing[1]
+    rows, cols = _lattice_coordinates(axes, region)
     return _sample(values, rows, cols, fill)
 
 
-def mask_to_lattice(mask: torch.Tensor | np.ndarray, axes: Axes, region: Region, num_classes: int) -> torch.Tensor:
-    """An integer mask (X, Y) on ``region``: one-hot, bilinear, argmax (ties to the organ); background outside."""
-    onehot = F.one_hot(torch.as_tensor(np.asarray(mask)).long(), num_classes).permute(2, 0, 1).float()
+def _lattice_coordinates(axes: Axes, region: Region) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fractional source pixel coordinates (float64) of the centres of ``region``'s rows and columns. Each pixel's
+    coordinate depends only on its own lattice index, so a sub-region gets exactly the values of the whole."""
     rows = (
         (region.x0 + torch.arange(region.size[0], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[0]
     ) / axes.spacing[0]
     cols = (
         (region.y0 + torch.arange(region.size[1], dtype=torch.float64) + 0.5) * region.spacing - axes.origin[1]
     ) / axes.spacing[1]
-    shares = _sample(onehot, rows, cols, 0.0)
-    outside = shares.sum(0) < 0.5
-    shares[0] -= 1e-4  # an exact tie (a 1-pixel line at a 2x reduction) goes to the organ, not background
-    labels = shares.argmax(0)
-    labels[outside] = 0
-    return labels
+    return rows, cols
+
+
+def mask_to_lattice(
+    mask: torch.Tensor | np.ndarray, axes: Axes, region: Region, num_classes: int | None = None
+) -> torch.Tensor:
+    """An integer mask (X, Y) on ``region``: the bilinear share of each class at every lattice pixel, argmax (ties
+    to the organ); background outside the scan.
+
+    The shares are those of a bilinearly sampled one-hot mask, gathered from each pixel's four source neighbours,
+    so the cost is the region's size (not the slice's one-hot), and a window (a sub-region) gets exactly the
+    pixels that the whole slice's resampling has there. (``num_classes`` is not needed; kept for callers.)
+    """
+    source = torch.as_tensor(np.asarray(mask)).long()
+    height, width = source.shape
+    rows, cols = _lattice_coordinates(axes, region)
+    row0, col0 = torch.floor(rows), torch.floor(cols)
+    row_weights = torch.stack([1 - (rows - row0), rows - row0])  # (2, h): weight of row0 and row0 + 1
+    col_weights = torch.stack([1 - (cols - col0), cols - col0])  # (2, w)
+    row_index = torch.stack([row0, row0 + 1]).long()
+    col_index = torch.stack([col0, col0 + 1]).long()
+    row_weights[(row_index < 0) | (row_index >= height)] = 0.0  # zero padding outside the scan
+    col_weights[(col_index < 0) | (col_index >= width)] = 0.0
+    row_index, col_index = row_index.clamp(0, max(height - 1, 0)), col_index.clamp(0, max(width - 1, 0))
+    labels = torch.stack([source[row_index[i][:, None], col_index[j][None, :]] for i in range(2) for j in range(2)])
+    out = labels[0].clone()  # (h, w); where the four neighbours agree, their class wins
+    mixed = torch.nonzero((labels != labels[:1]).any(0), as_tuple=True)
+    if len(mixed[0]):
+        # The bilinear share of each neighbour's class (only those four can win), summed in one order per pixel.
+        candidates = labels[:, mixed[0], mixed[1]]  # (4, n)
+        weights = torch.stack([row_weights[i][mixed[0]] * col_weights[j][mixed[1]] for i in range(2) for j in range(2)])
+        best_label, best_share = candidates[0], torch.full_like(weights[0], -1.0)
+        for candidate in candidates:
+            share = (weights * (candidates == candidate)).sum(0) - 1e-4 * (candidate == 0)  # ties go to the organ
+            better = (share > best_share) | ((share == best_share) & (candidate < best_label))  # then to the lower id
+            best_label, best_share = torch.where(better, candidate, best_label), torch.where(better, share, best_share)
+        out[mixed] = best_label
+    inside = (row_weights.sum(0)[:, None] * col_weights.sum(0)[None, :]) >= 0.5  # the scan covers half the pixel
+    return out.masked_fill_(~inside, 0)
 
 
 def from_lattice(values: torch.Tensor, region: Region, axes: Axes, box: Sequence[int]) -> torch.Tensor:
