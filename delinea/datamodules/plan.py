@@ -376,7 +376,7 @@ def mask_to_lattice(
     so the cost is the region's size (not the slice's one-hot), and a window (a sub-region) gets exactly the
     pixels that the whole slice's resampling has there. (``num_classes`` is not needed; kept for callers.)
     """
-    source = torch.as_tensor(np.asarray(mask)).long()
+    source = torch.as_tensor(np.ascontiguousarray(mask))  # a 2D slice of a reoriented volume may have negative strides
     height, width = source.shape
     rows, cols = _lattice_coordinates(axes, region)
     row0, col0 = torch.floor(rows), torch.floor(cols)
@@ -388,6 +388,7 @@ def mask_to_lattice(
     col_weights[(col_index < 0) | (col_index >= width)] = 0.0
     row_index, col_index = row_index.clamp(0, max(height - 1, 0)), col_index.clamp(0, max(width - 1, 0))
     labels = torch.stack([source[row_index[i][:, None], col_index[j][None, :]] for i in range(2) for j in range(2)])
+    labels = labels.long()  # (4, h, w): the four neighbours' classes
     out = labels[0].clone()  # (h, w); where the four neighbours agree, their class wins
     mixed = torch.nonzero((labels != labels[:1]).any(0), as_tuple=True)
     if len(mixed[0]):

@@ -27,16 +27,18 @@ class SliceBatchSampler(BatchSampler):
 
     1. keep every slice, or with ``empty_slice_ratio`` every foreground slice plus a seeded draw of empty
        slices so that they make up that share of the epoch;
-    2. shuffle cases, group them in blocks of ``block_cases`` and shuffle slices within each block, so that a
-       worker's small volume cache serves many slices per volume read;
+    2. shuffle the cases and lay their slices out case by case;
     3. give each rank a contiguous, equal-length shard (padded by wrapping around, as ``DistributedSampler``
-       does), split it into ``lanes`` contiguous runs, one per loader worker, and interleave their batches:
-       the DataLoader hands batch ``i`` to worker ``i % num_workers``, so each worker reads its own cases;
+       does), split it into ``lanes`` contiguous runs, one per loader worker, shuffle each run's slices within
+       blocks of ``block_cases`` consecutive cases (so that a worker's small volume cache serves many slices per
+       volume read), and interleave their batches: the DataLoader hands batch ``i`` to worker
+       ``i % num_workers``, so each worker reads its own cases (micro-batches too);
     4. batch ``b`` of the epoch gets window ``resolutions[(b + epoch) % len(resolutions)]``, and every sample a
        seed drawn from ``(seed, epoch)``.
 
-    Evaluation (``shuffle=False``): every slice in index order (case by case, slices ascending), whole (window
-    0); a batch never holds two cases, since their resampled slices differ in size. Ranks get whole cases,
+    Evaluation (``shuffle=False``): every slice, whole (window 0), each case's slices ascending; a batch never
+    holds two cases, since their resampled slices differ in size. With one lane, case by case in index order;
+    with several, each case goes whole to one worker and the workers' cases are interleaved. Ranks get whole cases,
     balanced by slice count, so per-case volumes can be stacked on one rank; batch counts may differ by rank (log
     eval metrics per epoch, not per step with a sync). With fewer cases than ranks, the extra ranks repeat a case
     (with a warning): Lightning needs a batch on every rank.
@@ -146,7 +148,8 @@ class SliceBatchSampler(BatchSampler):
         return n_fg + min(n_empty, round(ratio / (1 - ratio) * n_fg))
 
     def _train_order(self) -> np.ndarray:
-        """This epoch's global order of sample indices (identical on every rank)."""
+        """This epoch's global order of sample indices (identical on every rank): the selected slices case by case,
+        cases in a seeded order. Slices are shuffled later, within each lane's blocks (:meth:`_shuffled`)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         selected = np.arange(len(self.case_of))
         if self.empty_slice_ratio is not None and self.foreground is not None and self.foreground.any():
@@ -157,12 +160,32 @@ class SliceBatchSampler(BatchSampler):
         # ``selected`` is sorted and case_of non-decreasing, so each case is one contiguous run.
         _, starts = np.unique(self.case_of[selected], return_index=True)
         groups = np.split(selected, starts[1:])
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-        order = []
-        for start in range(0, len(groups), self.block_cases):
-            block = np.concatenate(groups[start : start + self.block_cases])
-            order.append(block[rng.permutation(len(block))])
-        return np.concatenate(order) if order else selected
+        return np.concatenate([groups[i] for i in rng.permutation(len(groups))]) if groups else selected
+
+    def _shard(self, length: int | None = None) -> np.ndarray:
+        """This rank's contiguous share of the epoch as (index, seed) pairs, (n, 2); ``length`` cuts it or fills it
+        by wrapping around (whole optimiser steps)."""
+        order = self._train_order()
+        size = self._shard_length()
+        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**31 - 1, size * self.num_replicas)
+        padded = np.stack([np.resize(order, size * self.num_replicas), seeds], 1)  # wraps, like DistributedSampler
+        shard = padded[self.rank * size : (self.rank + 1) * size]
+        return shard if length is None else np.resize(shard, (length, 2))
+
+    def _lanes(self, shard: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+        """The shard cut into one contiguous run per loader worker (``sizes`` samples each), each run shuffled
+        within blocks of ``block_cases`` consecutive cases: a worker's volume cache of ``block_cases`` cases then
+        reads each of its cases once, and only the cases cut at a run's ends are read by two workers."""
+        runs, start = [], 0
+        for lane, size in enumerate(sizes):
+            run = shard[start : start + size]
+            start += size
+            cases = self.case_of[run[:, 0]]
+            block = np.concatenate([[0], np.cumsum(cases[1:] != cases[:-1])]) // self.block_cases if len(run) else cases
+            rng = np.random.default_rng([self.seed, self.epoch, 2, self.rank, lane])
+            parts = [run[block == b] for b in np.unique(block)]
+            runs.append(np.concatenate([p[rng.permutation(len(p))] for p in parts]) if parts else run)
+        return runs
 
     def _shard_length(self) -> int:
         return -(-self._selected_count() // self.num_replicas)
@@ -188,28 +211,30 @@ class SliceBatchSampler(BatchSampler):
         return np.flatnonzero(np.isin(self.case_of, self._eval_cases()[self.rank]))
 
     def _eval_batches(self) -> list[np.ndarray]:
-        """This rank's evaluation batches: runs of ``batch_size`` slices that never cross a case boundary."""
+        """This rank's evaluation batches: runs of ``batch_size`` slices that never cross a case boundary. With
+        several lanes, each case goes whole to one loader worker (cases balanced by batches, largest first) and
+        the workers' batches are interleaved, so a case is read once, not by every worker."""
         indices = self._eval_indices()
-        batches = []
+        per_case = []
         for case in np.unique(self.case_of[indices]):
             mine = indices[self.case_of[indices] == case]
-            batches += [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-        return batches
+            per_case.append([mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)])
+        if self.lanes == 1:
+            return [batch for batches in per_case for batch in batches]
+        lanes: list[list[np.ndarray]] = [[] for _ in range(self.lanes)]
+        for i in sorted(range(len(per_case)), key=lambda i: -len(per_case[i])):
+            min(lanes, key=len).extend(per_case[i])
+        interleaved: list[np.ndarray] = []
+        for i in range(max(len(b) for b in lanes)):
+            interleaved.extend(batches[i] for batches in lanes if i < len(batches))
+        return interleaved
 
     def _batches(self) -> list[np.ndarray]:
         """This rank's training batches of (index, seed) pairs, shape (n, 2) each."""
-        order = self._train_order()
-        length = self._shard_length()
-        if len(order) == 0:
+        if len(self.case_of) == 0:
             return []
-        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**31 - 1, length * self.num_replicas)
-        padded = np.stack([np.resize(order, length * self.num_replicas), seeds], 1)  # wraps, like DistributedSampler
-        shard = padded[self.rank * length : (self.rank + 1) * length]
         lanes = []
-        start = 0
-        for size in self._lane_sizes():
-            run = shard[start : start + size]
-            start += size
+        for run in self._lanes(self._shard(), self._lane_sizes()):
             batches = [run[i : i + self.batch_size] for i in range(0, len(run), self.batch_size)]
             if self.drop_last and batches and len(batches[-1]) < self.batch_size:
                 batches.pop()
@@ -228,19 +253,21 @@ class SliceBatchSampler(BatchSampler):
         return max(1, self._shard_length() // self._step_samples()) if len(self.case_of) else 0
 
     def _micro_batches(self) -> list[tuple[int, np.ndarray]]:
-        """This rank's training micro-batches as (window, (n, 2) index-seed pairs), whole steps of the cycle."""
+        """This rank's training micro-batches as (window, (n, 2) index-seed pairs), whole steps of the cycle.
+
+        Micro-batch ``b`` goes to loader worker ``b % lanes`` (the DataLoader's round robin), so it is cut from that
+        worker's own run of cases."""
         assert self.cycle is not None
-        order = self._train_order()
-        length = self._shard_length()
-        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**31 - 1, length * self.num_replicas)
-        padded = np.stack([np.resize(order, length * self.num_replicas), seeds], 1)
-        shard = padded[self.rank * length : (self.rank + 1) * length]
-        shard = np.resize(shard, (self._steps() * self._step_samples(), 2))  # whole steps: cut, or wrap around
-        out, start = [], 0
-        for b in range(self._steps() * self.accumulate):
-            window, size = self.cycle[b % len(self.cycle)]
-            out.append((window, shard[start : start + size]))
-            start += size
+        count = self._steps() * self.accumulate
+        plan = [self.cycle[b % len(self.cycle)] for b in range(count)]
+        sizes = [sum(size for b, (_, size) in enumerate(plan) if b % self.lanes == lane) for lane in range(self.lanes)]
+        runs = self._lanes(self._shard(self._steps() * self._step_samples()), sizes)
+        taken = [0] * self.lanes
+        out = []
+        for b, (window, size) in enumerate(plan):
+            lane = b % self.lanes
+            out.append((window, runs[lane][taken[lane] : taken[lane] + size]))
+            taken[lane] += size
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:  # type: ignore[override]  # requests, not indices

@@ -47,6 +47,8 @@ class LabelSpec:
         if self.binary is not None:
             return (raw > 0).astype(np.uint8) * np.uint8(self.binary)
         top = int(raw.max(initial=0))
+        if self.is_identity(top):  # ids already unified (a folder in delinea's ids): no pass over the volume
+            return raw if raw.dtype == np.uint8 else raw.astype(np.uint8)
         if self.known is not None:
             is_known = np.zeros(top + 1, dtype=bool)
             is_known[[i for i in self.known if i <= top]] = True
@@ -60,6 +62,13 @@ class LabelSpec:
         for source, unified in self.table.items():
             lut[source] = unified
         return lut[raw]
+
+    def is_identity(self, top: int) -> bool:
+        """Whether every id up to ``top`` (a label's maximum) is known and maps to itself, so mapping changes
+        nothing."""
+        return top < NUM_CLASSES and all(
+            self.table.get(i, 0) == i and (self.known is None or i in self.known) for i in range(top + 1)
+        )
 
 
 def _integer_labels(raw: np.ndarray, path: Path | str) -> np.ndarray:
