@@ -345,7 +345,17 @@ def report(program: str, error: BaseException) -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2."""
+    """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2.
+    ``delinea preprocess`` writes a dataset's slice store (:mod:`delinea.preprocess`)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["preprocess"]:
+        from delinea.preprocess import main as preprocess
+
+        try:
+            preprocess(argv[1:])
+        except USER_ERRORS as error:
+            report("delinea preprocess", error)
+        return
     try:
         build_cli(args)
     except USER_ERRORS as error:

@@ -42,6 +42,7 @@ from delinea.datamodules.index import CaseIndex
 from delinea.datamodules.plan import Plan, check_spacing, check_windows
 from delinea.datamodules.samplers import ResumableLoader, SliceBatchSampler, describe_cycle, micro_batch_cycle
 from delinea.datamodules.splits import default_split_path, load_or_create_split, take_fraction
+from delinea.datamodules.store import SliceStore, store_settings
 from delinea.datamodules.utils import (
     CaseFiles,
     Intensity,
@@ -543,6 +544,10 @@ class LabelledDataModule(MedSegDataModule):
             ``skipped_cases``) instead of raising.
         ignore_unknown_labels: map label ids outside the dataset's table to background (warned) instead of
             raising.
+        store: the slice store that ``delinea preprocess`` wrote (:mod:`delinea.datamodules.store`) to serve the
+            slices from: a path, True for the one beside the split file (``<split>.store``) when it is there, False
+            to read the source files. A store made for another plan, normalisation or label mapping, or from files
+            that changed since, is refused.
         **kwargs: slices and loaders (resolution, batch_size, num_workers, spacing, ...): see
             :class:`MedSegDataModule`.
     """
@@ -562,6 +567,7 @@ class LabelledDataModule(MedSegDataModule):
         split_file: str | None = None,
         skip_bad_cases: bool = False,
         ignore_unknown_labels: bool = False,
+        store: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -577,7 +583,9 @@ class LabelledDataModule(MedSegDataModule):
         self.split_file = Path(split_file) if split_file else default_split_path(self.name, self.root, seed)
         self.skip_bad_cases = skip_bad_cases
         self.ignore_unknown_labels = ignore_unknown_labels
+        self.store: bool | str = {"true": True, "false": False}.get(store.lower(), store) if isinstance(store, str) else store
         self._split: dict[str, list[str]] | None = None
+        self._stores_checked: set[int] = set()
 
     @classmethod
     def env_var(cls) -> str:
@@ -638,15 +646,47 @@ class LabelledDataModule(MedSegDataModule):
                 )
         return self._split
 
-    def _split_ids(self, split: str) -> list[str]:
-        ids = [c for c in self.split[split] if self.include(self.files[c])]
-        return take_fraction(ids, self.fraction) if split == "train" and ids else ids
+    def _split_ids(self, split: str, whole: bool = False) -> list[str]:
+        """The split's case ids that take part; of the training split, the ``fraction`` unless ``whole``."""
+        ids = [c for c in self.split.get(split, []) if self.include(self.files[c])]
+        return take_fraction(ids, self.fraction) if split == "train" and ids and not whole else ids
 
     def _index_path(self) -> Path | None:
         return self.split_file.with_name(self.split_file.stem + ".cases.json")
 
     def _default_plan_file(self) -> Path | None:
         return self.split_file.with_name(self.split_file.stem + ".plan.json")
+
+    def store_path(self) -> Path:
+        """Where the slice store is read from (``store`` as a path), else beside the split file."""
+        if isinstance(self.store, (str, Path)) and not isinstance(self.store, bool):
+            return Path(self.store).expanduser()
+        return self.split_file.with_name(self.split_file.stem + ".store")
+
+    def store_settings(self) -> dict[str, Any]:
+        """What the served pixels depend on besides the files (the plan's geometry, normalisation, labels)."""
+        if self.plan is None:
+            raise RuntimeError(f"{self.name}: the plan is resolved before the store is read or written")
+        return store_settings(self.plan, self.intensity, self.label_spec, self._ignore_unknown)
+
+    def _planned(self, dataset: SliceDataset, stage: str) -> SliceDataset:
+        """The dataset with the plan set and, when there is a store to read, its slices served from the store."""
+        dataset = super()._planned(dataset, stage)
+        if id(dataset) in self._stores_checked or self.store is False:
+            return dataset
+        path = self.store_path()
+        if not (path / "store.json").exists():
+            if self.store is not True:
+                raise DatasetError(
+                    f"{self.name}: --data.store {path} holds no slice store; write it with `delinea preprocess` and "
+                    "the same data options, or pass --data.store false to read the source files"
+                )
+        else:
+            store = SliceStore(path)
+            dataset.use_store(store, store.check(self.store_settings(), dataset.files, f"{self.name} cases"))
+            log.info("%s: %d cases served from the slice store %s", self.name, len(dataset.files), path)
+        self._stores_checked.add(id(dataset))
+        return dataset
 
     def _planning_cases(self) -> list[CaseFiles]:
         # The whole training split (before ``fraction``), like nnU-Net's dataset fingerprint: few-shot subsets
