@@ -683,7 +683,7 @@ class LabelledDataModule(MedSegDataModule):
                 )
         else:
             store = SliceStore(path)
-            dataset.use_store(store, store.check(self.store_settings(), dataset.files, f"{self.name} cases"))
+            dataset.use_store(store, store.check(self.store_settings(), self.plan, dataset.files, f"{self.name} cases"))
             log.info("%s: %d cases served from the slice store %s", self.name, len(dataset.files), path)
         self._stores_checked.add(id(dataset))
         return dataset

@@ -36,9 +36,11 @@ class SliceBatchSampler(BatchSampler):
     4. batch ``b`` of the epoch gets window ``resolutions[(b + epoch) % len(resolutions)]``, and every sample a
        seed drawn from ``(seed, epoch)``.
 
-    Evaluation (``shuffle=False``): every slice, whole (window 0), each case's slices ascending; a batch never
-    holds two cases, since their resampled slices differ in size. With one lane, case by case in index order;
-    with several, each case goes whole to one worker and the workers' cases are interleaved. Ranks get whole cases,
+    Evaluation (``shuffle=False``): every slice, whole (window 0); a batch never holds two cases, since their
+    resampled slices differ in size. With one lane, case by case in index order, slices ascending; with several,
+    each worker gets a contiguous run of those batches and the workers' batches are interleaved, so a case's
+    slices may arrive from two workers, out of order (:class:`~delinea.tasks.volumes.VolumeAssembler` takes them
+    in any order). Ranks get whole cases,
     balanced by slice count, so per-case volumes can be stacked on one rank; batch counts may differ by rank (log
     eval metrics per epoch, not per step with a sync). With fewer cases than ranks, the extra ranks repeat a case
     (with a warning): Lightning needs a batch on every rank.
@@ -212,18 +214,18 @@ class SliceBatchSampler(BatchSampler):
 
     def _eval_batches(self) -> list[np.ndarray]:
         """This rank's evaluation batches: runs of ``batch_size`` slices that never cross a case boundary. With
-        several lanes, each case goes whole to one loader worker (cases balanced by batches, largest first) and
-        the workers' batches are interleaved, so a case is read once, not by every worker."""
+        several lanes, the batches (case by case) are cut into one contiguous run per loader worker, as even as
+        batches allow, and interleaved: each worker reads its own cases, and only a case cut between two runs is
+        read twice."""
         indices = self._eval_indices()
-        per_case = []
+        batches = []
         for case in np.unique(self.case_of[indices]):
             mine = indices[self.case_of[indices] == case]
-            per_case.append([mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)])
+            batches += [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         if self.lanes == 1:
-            return [batch for batches in per_case for batch in batches]
-        lanes: list[list[np.ndarray]] = [[] for _ in range(self.lanes)]
-        for i in sorted(range(len(per_case)), key=lambda i: -len(per_case[i])):
-            min(lanes, key=len).extend(per_case[i])
+            return batches
+        bounds = np.cumsum([0] + [len(run) for run in np.array_split(np.arange(len(batches)), self.lanes)])
+        lanes = [batches[bounds[lane] : bounds[lane + 1]] for lane in range(self.lanes)]
         interleaved: list[np.ndarray] = []
         for i in range(max(len(b) for b in lanes)):
             interleaved.extend(batches[i] for batches in lanes if i < len(batches))

@@ -79,6 +79,11 @@ def describe_settings(settings: dict[str, Any]) -> str:
     return f"{spacing} per pixel, {crop}, CT window {low:g}..{high:g} HU, MRI {plow:g}-{phigh:g} %"
 
 
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings without the spacings, which are compared per case (a plan may name modalities a dataset lacks)."""
+    return {k: v for k, v in settings.items() if k != "spacing_mm"}
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON through a temporary file and a rename: a reader (or a killed run) never sees half of it."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -132,7 +137,10 @@ class SliceStore:
         path = Path(path).expanduser()
         if (path / "store.json").exists():
             store = cls(path)
-            if store.settings != settings:
+            common = set(store.settings["spacing_mm"]) & set(settings["spacing_mm"])
+            if _comparable(store.settings) != _comparable(settings) or any(
+                store.settings["spacing_mm"][m] != settings["spacing_mm"][m] for m in common
+            ):
                 raise DatasetError(
                     f"{path} holds a store made for {describe_settings(store.settings)}; this run needs "
                     f"{describe_settings(settings)}: choose another --data.store, or delete that folder"
@@ -169,20 +177,21 @@ class SliceStore:
         record = self.record(files.case_id)
         return record is not None and record["stat"] == files.stat_key()
 
-    def check(self, settings: dict[str, Any], cases: Sequence[CaseFiles], what: str) -> list[dict[str, Any]]:
+    def check(self, settings: dict[str, Any], plan: Plan, cases: Sequence[CaseFiles], what: str) -> list[dict[str, Any]]:
         """The records of ``cases`` after checking that the store serves them as this run would read them.
 
         Args:
             settings: :func:`store_settings` of this run.
+            plan: this run's plan (each stored case must be at its modality's spacing).
             cases: the cases the run serves.
             what: names the run in messages (``btcv train split``).
 
         Raises:
             DatasetError: one line: other settings, or cases missing, or source files changed since.
         """
-        if settings != self.settings:
+        if _comparable(settings) != _comparable(self.settings):
             raise DatasetError(
-                f"store {self.path} was made for {describe_settings(self.settings)}, but the {what} is read at "
+                f"store {self.path} was made for {describe_settings(self.settings)}, but the {what} are read at "
                 f"{describe_settings(settings)}: run `delinea preprocess` with this run's plan and options into "
                 "another --data.store, or pass --data.store false to read the source files"
             )
@@ -195,7 +204,16 @@ class SliceStore:
                 f"store {self.path} does not match the {what}: {'; '.join(parts)}; run `delinea preprocess` with the "
                 "same options again (it redoes only those cases), or pass --data.store false"
             )
-        return [self._records[f.case_id] or {} for f in cases]
+        records = [self._records[f.case_id] or {} for f in cases]
+        for record in records:
+            wanted = plan.spacing_for(record["modality"])
+            if abs(record["region"][4] - wanted) > 1e-6 * wanted:
+                raise DatasetError(
+                    f"store {self.path} holds case {record['case_id']!r} at {record['region'][4]:g} mm per pixel, but "
+                    f"the {what} are read at {wanted:g} mm ({plan.describe()}): run `delinea preprocess` with this "
+                    "run's plan into another --data.store, or pass --data.store false to read the source files"
+                )
+        return records
 
     # -- reading ---------------------------------------------------------------------------------------------
     def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -109,7 +109,7 @@ def test_a_stale_or_foreign_store_is_refused_in_one_line(
 ) -> None:
     root = btcv_copy[0]
     store = _store(root, tmp_path)
-    with pytest.raises(DatasetError, match=r"made for ct 1\.5 mm .* read at ct 2 mm .*--data\.store false"):
+    with pytest.raises(DatasetError, match=r"holds case '\d+' at 1\.5 mm per pixel, but the btcv cases are read at 2 mm .*--data\.store false"):
         _btcv(root, tmp_path / "split.json", spacing=2.0).dataset("train")
     with pytest.raises(DatasetError, match=r"made for .*CT window -175\.\.250 HU.* read at .*CT window -100\.\.200"):
         _btcv(root, tmp_path / "split.json", window=(-100.0, 200.0)).dataset("train")
@@ -121,8 +121,8 @@ def test_a_stale_or_foreign_store_is_refused_in_one_line(
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--config", str(ROOT / "tests/conf/unet_btcv.yaml"), "--data.root", str(root),
               "--data.split_file", str(tmp_path / "split.json"), "--data.store", str(tmp_path / "elsewhere"), *QUIET])  # fmt: skip
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "holds no slice store" in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("delinea")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "holds no slice store" in errors[0]
     # preprocessing again redoes only the changed case
     before = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cases/*/case.json")}
     summary = preprocess(_btcv(root, tmp_path / "split.json"), echo=lambda line: None)
@@ -197,11 +197,10 @@ def test_each_worker_reads_its_own_cases_in_every_configuration(
         reads += sum(worker_reads(list(sampler), case_of, workers, cache_cases=4).values())
     # every case once, plus the cases cut at the ends of the workers' runs (and wrapped to whole steps)
     assert reads <= 40 + workers * ranks + (3 if micro else 0), reads
-    for rank in range(ranks):  # evaluation: each worker whole cases
+    for rank in range(ranks):  # evaluation: each worker its own run of cases, a case cut between two runs
         sampler = SliceBatchSampler(batch_size=4, case_of=case_of, lanes=workers, num_replicas=ranks, rank=rank)
-        assert sum(worker_reads(list(sampler), case_of, workers, cache_cases=1).values()) == len(
-            sampler._eval_cases()[rank]
-        )
+        evaluated = len(sampler._eval_cases()[rank])
+        assert evaluated <= sum(worker_reads(list(sampler), case_of, workers, cache_cases=1).values()) <= evaluated + workers - 1
 
 
 def test_worker_reads_counts_what_the_dataset_reads(folder: Layout, tmp_path: Path) -> None:
