@@ -23,6 +23,10 @@ Sections (each prints markdown tables; the JSON is rewritten after each one):
 7. ``memory`` (only when asked for): what each part keeps for the backward pass per sample at 256² and 512², fp32
    and bf16, with and without checkpointing, and the paper's memory plan (benchmarks/memory.py; 512² needs
    about 13 GiB).
+8. ``loader``: training samples/s per loader worker at 256² and 512² with the paper's augmentation, from .nii.gz
+   and from the slice store, whole-volume reads per case per epoch per sampler configuration, worker memory,
+   preprocessing time and store size, and the workers per GPU against an A6000's and an H100's demand, on CTs it
+   writes (512 x 512 x 300; benchmarks/loader.py; ``--loader-baseline REF`` times another commit's loader too).
 
 Figures are medians of several timed runs; comparisons are ratios of runs interleaved in this one process
 (benchmarks/common.py). On CUDA the same script runs with bf16 autocast and flash attention.
@@ -51,11 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import torch
 
-from benchmarks import fastpaths, flops, inference, memory, models, paper, threads, training
+from benchmarks import fastpaths, flops, inference, loader, memory, models, paper, threads, training
 from benchmarks.common import describe_device, native_bf16, pick_device, table, write_json
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("flops", "fastpaths", "inference", "training")  # the default; "threads" is optional
+SECTIONS = ("flops", "fastpaths", "inference", "training", "loader")  # the default; "threads" is optional
 
 # Sizes per mode. ``full`` is `make bench`; ``quick`` the smoke version; ``tiny`` what tests/test_bench.py runs.
 MODES: dict[str, dict[str, Any]] = {
@@ -79,8 +83,10 @@ MODES: dict[str, dict[str, Any]] = {
         "flops": {"preset": "DiT-B/2", "latent": 32, "batch": 8, "repeats": 3},
         "paper": {"dit": "DiT-XL/2", "vae": "sd", "control_blocks": 15, "micro_batch": {256: 32, 512: 8}, "steps": 3},
         "memory": {"dit": "DiT-XL/2", "vae": "sd", "resolutions": (256, 512), "bf16_decoder_at": 64},
+        "loader": {"cases": 6, "shape": [512, 512, 300], "count": 20, "rounds": 3},
     },
     "quick": {
+        "loader": {"cases": 3, "shape": [256, 256, 60], "count": 10, "rounds": 2},
         "training": {"presets": ["tiny"], "resolution": 128, "batch_size": 2, "repeats": 3},
         "inference": {
             "resolution": 128,
@@ -126,6 +132,7 @@ MODES: dict[str, dict[str, Any]] = {
             "unet_channels": [4, 8, 16],
         },
         "memory": {"dit": "DiT-tiny/2", "vae": "tiny", "resolutions": (32, 64), "bf16_decoder_at": 16},
+        "loader": {"cases": 2, "shape": [64, 64, 6], "count": 2, "rounds": 1},
     },
 }
 MODES["quick"] |= {"paper": MODES["tiny"]["paper"], "memory": MODES["tiny"]["memory"]}  # fmt: skip
@@ -166,6 +173,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, help="JSON path (default benchmarks/results/latest.json; quick.json with --quick)"
+    )
+    parser.add_argument(
+        "--loader-baseline",
+        help="section 8: a git ref whose loader is timed as 'before' in processes interleaved with this tree's",
     )
     parser.add_argument(
         "--update", action="store_true", help="start from the JSON at --out and replace only the sections run now"
@@ -290,6 +301,7 @@ RENDER = {
     "fastpaths": render_fastpaths,
     "flops": render_flops,
     "threads": render_threads,
+    "loader": loader.render,
 }
 
 
@@ -304,7 +316,7 @@ def render(result: dict[str, Any]) -> str:
         "Figures are medians of the runs given; ratios are paired ratios of runs interleaved in one process.",
         "",
     ]
-    for section in ("training", "inference", "fastpaths", "flops", "threads"):
+    for section in ("training", "inference", "fastpaths", "flops", "threads", "loader"):
         if section in result:
             lines.append(RENDER[section](result[section]))
     lines.append("## Targets\n")
@@ -313,7 +325,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out = loader.targets(result["loader"]) if "loader" in result else {}
     if "cache_speedup" in result:
         out["latent_cache_at_least_3x"] = {"value": result["cache_speedup"], "met": result["cache_speedup"] >= 3}
     if "dit_fraction_of_matmul_peak" in result:
@@ -490,6 +502,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["memory"] = {"parts": table, "paper_plans": memory.paper_plans()}
         print(memory.render(table) + "\n")
         done("memory", time.perf_counter() - t0)
+
+    if "loader" in args.sections:
+        t0 = time.perf_counter()
+        c = config["loader"]
+        result["loader"] = loader.run(c["cases"], c["shape"], c["count"], c["rounds"], args.loader_baseline)
+        print(loader.render(result["loader"]))
+        done("loader", time.perf_counter() - t0)
 
     if "threads" in args.sections:
         t0 = time.perf_counter()
