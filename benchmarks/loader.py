@@ -92,7 +92,9 @@ def write_ct(image_path: Path, label_path: Path, seed: int, shape: Sequence[int]
         for unified, hu, cx, cy, (rx, ry), (z0, z1) in organs:
             if z0 <= share <= z1:
                 taper = np.sin(np.pi * (share - z0) / max(z1 - z0, 1e-6)) ** 0.5
-                inside = (((gx - cx * half[0]) / (rx * taper + 1)) ** 2 + ((gy - cy * half[1]) / (ry * taper + 1)) ** 2) <= 1
+                inside = (
+                    ((gx - cx * half[0]) / (rx * taper + 1)) ** 2 + ((gy - cy * half[1]) / (ry * taper + 1)) ** 2
+                ) <= 1
                 slice_[inside] = hu
                 label[:, :, k][inside] = unified
         slice_ += rng.normal(0, 12, slice_.shape)  # scanner noise
@@ -150,7 +152,10 @@ def worker_rates(options: dict[str, Any]) -> dict[str, Any]:
     some = modules[next(iter(modules))]
     warm_cases = min(options["cache_cases"], len(some.files))
     eligible = np.flatnonzero(some.case_of < warm_cases)
-    requests = [(int(i), int(s)) for i, s in zip(rng.choice(eligible, options["count"]), rng.integers(0, 2**31, options["count"]))]
+    requests = [
+        (int(i), int(s))
+        for i, s in zip(rng.choice(eligible, options["count"]), rng.integers(0, 2**31, options["count"]))
+    ]
     reads = []
     for (source, augment), dataset in modules.items():  # warm: volumes read (and timed), memory measured
         before = _anon_mib()
@@ -195,7 +200,9 @@ def run_worker(tree: Path, options: dict[str, Any]) -> dict[str, Any]:
 # -- reads per case per epoch ----------------------------------------------------------------------------------
 
 
-def worker_reads(batches: Sequence[Sequence[Sequence[int]]], case_of: np.ndarray, workers: int, cache_cases: int) -> Counter:
+def worker_reads(
+    batches: Sequence[Sequence[Sequence[int]]], case_of: np.ndarray, workers: int, cache_cases: int
+) -> Counter:
     """Whole-volume reads per case when loader worker ``i % workers`` serves batch ``i`` (the DataLoader's round
     robin) and each worker keeps its ``cache_cases`` most recently read volumes (SliceDataset's LRU cache)."""
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(max(1, workers))]
@@ -231,7 +238,9 @@ def reads_per_case(sampler_class: Any, case_of: np.ndarray, cache_cases: int = 4
 
 
 def _load_sampler(tree: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(f"samplers_{abs(hash(tree))}", tree / "delinea/datamodules/samplers.py")
+    spec = importlib.util.spec_from_file_location(
+        f"samplers_{abs(hash(tree))}", tree / "delinea/datamodules/samplers.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -264,7 +273,9 @@ def run(
     store = work / "split.store"
     if store.exists() and (store / "store.json").exists() and data_dir is None:
         raise RuntimeError(f"{store} exists")
-    dm = FolderDataModule(root=str(root), split="all", spacing=PLAN_MM, resolution=[256, 512], split_file=str(split_file))
+    dm = FolderDataModule(
+        root=str(root), split="all", spacing=PLAN_MM, resolution=[256, 512], split_file=str(split_file)
+    )
     summary = preprocess(dm, processes=1, echo=lambda line: None)
     depth = int(shape[2])
     result: dict[str, Any] = {
@@ -299,7 +310,9 @@ def run(
     result["reads"] = reads
     result["rows"] = _rows(runs, reads, depth)
     result["memory_mib"] = {name: _median_dict([run["memory_mib"] for run in rs]) for name, rs in runs.items()}
-    result["read_seconds"] = {name: round(statistics.median(s for run in rs for s in run["read_seconds"]), 3) for name, rs in runs.items()}
+    result["read_seconds"] = {
+        name: round(statistics.median(s for run in rs for s in run["read_seconds"]), 3) for name, rs in runs.items()
+    }
     result["ratios"] = _ratios(runs)
     result["workers_per_gpu"] = _workers(result["rows"])
     temporary.cleanup()
@@ -366,15 +379,26 @@ def _workers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for code in sorted({r["code"] for r in rows}):
         for source in ("nifti_cold", "store"):
-            rate = {r["window"]: r["samples_per_s"] for r in rows if r["code"] == code and r["source"] == source and r["augment"]}
+            rate = {
+                r["window"]: r["samples_per_s"]
+                for r in rows
+                if r["code"] == code and r["source"] == source and r["augment"]
+            }
             if len(rate) < 2:
                 continue
             for gpu, demand in DEMAND.items():
                 mix = (1 / rate[256] + 1 / rate[512]) / (1 / demand[256] + 1 / demand[512])
-                out.append({"code": code, "source": source, "gpu": gpu,
-                            "workers_256": round(demand[256] / rate[256], 2),
-                            "workers_512": round(demand[512] / rate[512], 2),
-                            "workers_paper_mix": round(mix, 2), "workers_8_gpus_paper_mix": round(8 * mix, 1)})  # fmt: skip
+                out.append(
+                    {
+                        "code": code,
+                        "source": source,
+                        "gpu": gpu,
+                        "workers_256": round(demand[256] / rate[256], 2),
+                        "workers_512": round(demand[512] / rate[512], 2),
+                        "workers_paper_mix": round(mix, 2),
+                        "workers_8_gpus_paper_mix": round(8 * mix, 1),
+                    }
+                )
     return out
 
 
@@ -390,8 +414,16 @@ def render(result: dict[str, Any]) -> str:
     )  # fmt: skip
     for name, by_size in result["reads"].items():
         for size, rows in by_size.items():
-            text += "\n" + table(rows, ["configuration", "reads_per_case"], f"8b. Whole-volume reads per case per epoch ({name} sampler, {size})")
-    text += "\n" + table(result["workers_per_gpu"], ["code", "source", "gpu", "workers_256", "workers_512", "workers_paper_mix", "workers_8_gpus_paper_mix"], "8c. Loader workers per GPU (augmentation on)")
+            text += "\n" + table(
+                rows,
+                ["configuration", "reads_per_case"],
+                f"8b. Whole-volume reads per case per epoch ({name} sampler, {size})",
+            )
+    text += "\n" + table(
+        result["workers_per_gpu"],
+        ["code", "source", "gpu", "workers_256", "workers_512", "workers_paper_mix", "workers_8_gpus_paper_mix"],
+        "8c. Loader workers per GPU (augmentation on)",
+    )
     p = result["preprocess"]
     text += (
         f"\nPreprocessing: {p['seconds_per_case']} s per case ({p['read_seconds_per_case']} s of it reading), store "
@@ -408,18 +440,37 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for window, floor in ((256, 50), (512, 25)):
         value = rate.get(("current", "store", window, True))
-        out[f"store_{window}_augmented_at_least_{floor}_per_s"] = {"value": value, "met": value is not None and value >= floor}
+        out[f"store_{window}_augmented_at_least_{floor}_per_s"] = {
+            "value": value,
+            "met": value is not None and value >= floor,
+        }
     for window in (256, 512):
         key = f"store_over_baseline_warm_{window}"
         if key in result["ratios"]:
-            out[f"store_{window}_unaugmented_at_least_10x_before"] = {"value": result["ratios"][key], "met": result["ratios"][key] >= 10}
+            out[f"store_{window}_unaugmented_at_least_10x_before"] = {
+                "value": result["ratios"][key],
+                "met": result["ratios"][key] >= 10,
+            }
     worst = {size: max(r["reads_per_case"] for r in rows) for size, rows in result["reads"]["current"].items()}
     out["nifti_reads_per_case_at_most_1.5"] = {"value": worst, "met": all(v <= 1.5 for v in worst.values())}
     memory = result["memory_mib"]["current"].get("store_augment")
-    out["store_worker_memory_at_most_300_mb"] = {"value": memory, "met": memory is not None and memory * 1.048576 <= 300}
-    h100 = next((w for w in result["workers_per_gpu"] if w["code"] == "current" and w["source"] == "store" and w["gpu"] == "H100"), None)
+    out["store_worker_memory_at_most_300_mb"] = {
+        "value": memory,
+        "met": memory is not None and memory * 1.048576 <= 300,
+    }
+    h100 = next(
+        (
+            w
+            for w in result["workers_per_gpu"]
+            if w["code"] == "current" and w["source"] == "store" and w["gpu"] == "H100"
+        ),
+        None,
+    )
     if h100 is not None:
-        out["8_h100_paper_mix_at_most_3_workers_per_gpu"] = {"value": h100["workers_paper_mix"], "met": h100["workers_paper_mix"] <= 3}
+        out["8_h100_paper_mix_at_most_3_workers_per_gpu"] = {
+            "value": h100["workers_paper_mix"],
+            "met": h100["workers_paper_mix"] <= 3,
+        }
     return out
 
 

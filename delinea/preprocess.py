@@ -64,7 +64,9 @@ def preprocess(
     ids = list(dict.fromkeys(c for split in ("train", "val", "test") for c in datamodule._split_ids(split, whole=True)))
     cases, _ = datamodule._checked(ids, True, datamodule.skip_bad_cases)
     plan = datamodule.plan_for(model_plan, "fit")
-    store = SliceStore.create(datamodule.store_path(), datamodule.store_settings(), datamodule.name, datamodule.root_string)
+    store = SliceStore.create(
+        datamodule.store_path(), datamodule.store_settings(), datamodule.name, datamodule.root_string
+    )
     dataset = datamodule._dataset(cases)
     dataset.plan, dataset.cache_cases = plan, 1
     todo = [n for n, files in enumerate(dataset.files) if not store.is_current(files)]
@@ -88,7 +90,8 @@ def preprocess(
             f"[{n}/{len(todo)}] {case_id}: {result['slices']} slices of {x1 - x0} x {y1 - y0} px, "
             f"{result['seconds']:.1f} s, {result['bytes'] / 1e6:.1f} MB"
         )
-    summary = {
+    bytes_per_case = int(statistics.median(r["bytes"] for r in records)) if records else 0
+    summary: dict[str, Any] = {
         "store": str(store.path),
         "plan": plan.to_dict(),
         "cases": len(dataset.files),
@@ -98,11 +101,11 @@ def preprocess(
         "seconds": round(time.perf_counter() - started, 2),
         "seconds_per_case": round(statistics.median(r["seconds"] for r in records), 3) if records else None,
         "read_seconds_per_case": round(statistics.median(r["read_seconds"] for r in records), 3) if records else None,
-        "bytes_per_case": int(statistics.median(r["bytes"] for r in records)) if records else None,
+        "bytes_per_case": bytes_per_case or None,
     }
     echo(
         f"delinea preprocess: wrote {len(records)} case(s) in {summary['seconds']:.0f} s"
-        + (f" (median {summary['seconds_per_case']} s and {summary['bytes_per_case'] / 1e6:.1f} MB per case)" if records else "")
+        + (f" (median {summary['seconds_per_case']} s and {bytes_per_case / 1e6:.1f} MB per case)" if records else "")
         + (f"; skipped {len(failed)} bad case(s)" if failed else "")
     )
     return summary

@@ -583,7 +583,9 @@ class LabelledDataModule(MedSegDataModule):
         self.split_file = Path(split_file) if split_file else default_split_path(self.name, self.root, seed)
         self.skip_bad_cases = skip_bad_cases
         self.ignore_unknown_labels = ignore_unknown_labels
-        self.store: bool | str = {"true": True, "false": False}.get(store.lower(), store) if isinstance(store, str) else store
+        self.store: bool | str = (
+            {"true": True, "false": False}.get(store.lower(), store) if isinstance(store, str) else store
+        )
         self._split: dict[str, list[str]] | None = None
         self._stores_checked: set[int] = set()
 
@@ -682,8 +684,9 @@ class LabelledDataModule(MedSegDataModule):
                     "the same data options, or pass --data.store false to read the source files"
                 )
         else:
-            store = SliceStore(path)
-            dataset.use_store(store, store.check(self.store_settings(), self.plan, dataset.files, f"{self.name} cases"))
+            store, settings = SliceStore(path), self.store_settings()
+            assert self.plan is not None  # resolved by _planned
+            dataset.use_store(store, store.check(settings, self.plan, dataset.files, f"{self.name} cases"))
             log.info("%s: %d cases served from the slice store %s", self.name, len(dataset.files), path)
         self._stores_checked.add(id(dataset))
         return dataset

@@ -197,7 +197,9 @@ class SliceDataset(Dataset):
             raise RuntimeError(f"{self.name}: the dataset has no plan yet; the datamodule sets it before loading")
         loaded = self.case(number)
         axes = _axes(loaded)
-        region = axes.region(self.box(number, loaded), self.plan.spacing_for(loaded.modality), self.plan.body_margin or 0.0)
+        region = axes.region(
+            self.box(number, loaded), self.plan.spacing_for(loaded.modality), self.plan.body_margin or 0.0
+        )
         return loaded.modality, region, axes.voxels_in(region)
 
     def lattice(
@@ -229,7 +231,9 @@ class SliceDataset(Dataset):
             return out_image, _cut(stored_label[k], top, left, rows, cols, 0).long()
         loaded = self.case(number)
         axes = _axes(loaded)
-        part = Region(region.x0 + top, region.x0 + top + rows, region.y0 + left, region.y0 + left + cols, region.spacing)
+        part = Region(
+            region.x0 + top, region.x0 + top + rows, region.y0 + left, region.y0 + left + cols, region.spacing
+        )
         out_image = None
         if image:
             native = torch.from_numpy(loaded.image_slice(k, self.intensity))

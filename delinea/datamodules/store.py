@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -177,7 +178,9 @@ class SliceStore:
         record = self.record(files.case_id)
         return record is not None and record["stat"] == files.stat_key()
 
-    def check(self, settings: dict[str, Any], plan: Plan, cases: Sequence[CaseFiles], what: str) -> list[dict[str, Any]]:
+    def check(
+        self, settings: dict[str, Any], plan: Plan, cases: Sequence[CaseFiles], what: str
+    ) -> list[dict[str, Any]]:
         """The records of ``cases`` after checking that the store serves them as this run would read them.
 
         Args:
@@ -199,7 +202,9 @@ class SliceStore:
         changed = [f.case_id for f in cases if f.case_id not in missing and not self.is_current(f)]
         if missing or changed:
             parts = [f"{len(missing)} case(s) missing (e.g. {missing[:3]})"] if missing else []
-            parts += [f"{len(changed)} case(s) whose source files changed since (e.g. {changed[:3]})"] if changed else []
+            parts += (
+                [f"{len(changed)} case(s) whose source files changed since (e.g. {changed[:3]})"] if changed else []
+            )
             raise DatasetError(
                 f"store {self.path} does not match the {what}: {'; '.join(parts)}; run `delinea preprocess` with the "
                 "same options again (it redoes only those cases), or pass --data.store false"
@@ -264,8 +269,12 @@ class SliceStore:
         (folder / "case.json").unlink(missing_ok=True)
         self._records.pop(files.case_id, None)
         shape = (int(depth), *region.size)
-        image = np.lib.format.open_memmap(folder / "image.npy.tmp", "w+", np.float16, shape)
-        label = np.lib.format.open_memmap(folder / "label.npy.tmp", "w+", np.uint8, shape) if labelled else None
+        # Temporary names of this process: two processes (or nodes) writing one case never share a file.
+        temporary = f"{socket.gethostname()}.{os.getpid()}.tmp"
+        image = np.lib.format.open_memmap(folder / f"image.npy.{temporary}", "w+", np.float16, shape)
+        label = (
+            np.lib.format.open_memmap(folder / f"label.npy.{temporary}", "w+", np.uint8, shape) if labelled else None
+        )
         foreground = []
         for k, (image_slice, label_slice) in enumerate(slices):
             image[k] = np.asarray(image_slice, dtype=np.float16)
@@ -277,7 +286,7 @@ class SliceStore:
             if array is not None:
                 array.flush()
                 del array
-                os.replace(folder / f"{name}.tmp", folder / name)
+                os.replace(folder / f"{name}.{temporary}", folder / name)
         if not labelled:
             (folder / "label.npy").unlink(missing_ok=True)
         size = sum((folder / n).stat().st_size for n in ("image.npy", "label.npy") if (folder / n).exists())

@@ -99,6 +99,19 @@ def command(
     ]  # fmt: skip
 
 
+def preprocess_once(root: Path, split_file: Path, logs: Path) -> dict[str, Any]:
+    """``delinea preprocess`` of the pretraining slabs into the store beside the split file, which both models'
+    runs read (their configs share the data options that the stored pixels depend on)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "delinea", "preprocess", "--config", str(CONFIGS / "pretrain_meddelinea.yaml"),
+           "--data.root", str(root), "--data.split_file", str(split_file)]  # fmt: skip
+    started = time.perf_counter()
+    with open(logs / "preprocess.log", "w") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"preprocessing failed; see {logs / 'preprocess.log'}")
+    return {"command": " ".join(cmd), "seconds": round(time.perf_counter() - started, 1)}
+
+
 def run_side_by_side(jobs: dict[str, list[str]], logs: Path) -> dict[str, float]:
     """Run commands at once, one CPU thread each; their wall seconds."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -216,6 +229,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": args.seeds,
         "runs": {},
     }
+    record["preprocess"] = preprocess_once(root, split_file, args.out / "logs")
     chosen: dict[str, list[str]] = {model: [] for model in MODELS}
     if args.select_minutes > 0:
         record["selection"] = {}

@@ -26,7 +26,7 @@ from delinea.preprocess import preprocess
 from delinea.testing.phantoms import Phantom, write_btcv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.loader import worker_reads  # noqa: E402
+from benchmarks.loader import worker_reads
 
 ROOT = Path(__file__).resolve().parents[2]
 Layout = tuple[Path, dict[str, Phantom]]
@@ -57,9 +57,11 @@ def test_the_store_serves_the_tensors_the_source_files_do(btcv: Layout, tmp_path
     for split in ("train", "val", "test"):
         a, b = native.dataset(split), stored.dataset(split)
         assert a.store is None and b.store is not None and b.store.path == store
-        requests = [(i, 0, 0) for i in range(len(a))] if split != "train" else [
-            (i, window, seed) for i in range(len(a)) for window in (32, 48) for seed in (i, i + 100)
-        ]  # fmt: skip
+        requests = (
+            [(i, 0, 0) for i in range(len(a))]
+            if split != "train"
+            else [(i, window, seed) for i in range(len(a)) for window in (32, 48) for seed in (i, i + 100)]
+        )
         for request in requests:  # whole slices, windows, windows centred on organs, augmented windows
             _same(a[request], b[request])
     assert sum(native.dataset("train").reads.values()) == len(native.train_cases())  # one read per case
@@ -91,14 +93,40 @@ def _crop_of(dataset: object, index: int, window: int, seed: int) -> tuple[int, 
 
 def test_evaluation_numbers_are_identical_with_and_without_the_store(btcv: Layout, tmp_path: Path) -> None:
     data = ["--data.root", str(btcv[0]), "--data.split_file", str(tmp_path / "split.json")]
-    main(["fit", "--config", str(ROOT / "tests/conf/unet_btcv.yaml"), *data, "--data.store", "false",
-          "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "tests/conf/unet_btcv.yaml"),
+            *data,
+            "--data.store",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            *QUIET,
+        ]
+    )
     checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
     main(["preprocess", "--data", "btcv", *data, "--ckpt", str(checkpoint)])
     summaries = {}
     for store in ("false", "true"):
-        main(["test", "--ckpt", str(checkpoint), "--data", "btcv", *data, "--data.store", store,
-              "--output", str(tmp_path / store), "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])  # fmt: skip
+        main(
+            [
+                "test",
+                "--ckpt",
+                str(checkpoint),
+                "--data",
+                "btcv",
+                *data,
+                "--data.store",
+                store,
+                "--output",
+                str(tmp_path / store),
+                "--trainer.default_root_dir",
+                str(tmp_path / "run"),
+                *QUIET,
+            ]
+        )
         summaries[store] = json.loads((tmp_path / store / "metrics_summary.json").read_text())
         summaries[store].pop("seconds", None)
     assert summaries["true"] == summaries["false"] and summaries["true"]["cases"] >= 1
@@ -109,7 +137,10 @@ def test_a_stale_or_foreign_store_is_refused_in_one_line(
 ) -> None:
     root = btcv_copy[0]
     store = _store(root, tmp_path)
-    with pytest.raises(DatasetError, match=r"holds case '\d+' at 1\.5 mm per pixel, but the btcv cases are read at 2 mm .*--data\.store false"):
+    with pytest.raises(
+        DatasetError,
+        match=r"holds case '\d+' at 1\.5 mm per pixel, but the btcv cases are read at 2 mm .*--data\.store false",
+    ):
         _btcv(root, tmp_path / "split.json", spacing=2.0).dataset("train")
     with pytest.raises(DatasetError, match=r"made for .*CT window -175\.\.250 HU.* read at .*CT window -100\.\.200"):
         _btcv(root, tmp_path / "split.json", window=(-100.0, 200.0)).dataset("train")
@@ -119,8 +150,20 @@ def test_a_stale_or_foreign_store_is_refused_in_one_line(
     with pytest.raises(DatasetError, match=r"1 case\(s\) whose source files changed since \(e\.g\. \['0001'\]\)"):
         next(iter(dm.val_dataloader() if "0001" in dm.split["val"] else dm.train_dataloader()))
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", str(ROOT / "tests/conf/unet_btcv.yaml"), "--data.root", str(root),
-              "--data.split_file", str(tmp_path / "split.json"), "--data.store", str(tmp_path / "elsewhere"), *QUIET])  # fmt: skip
+        main(
+            [
+                "validate",
+                "--config",
+                str(ROOT / "tests/conf/unet_btcv.yaml"),
+                "--data.root",
+                str(root),
+                "--data.split_file",
+                str(tmp_path / "split.json"),
+                "--data.store",
+                str(tmp_path / "elsewhere"),
+                *QUIET,
+            ]
+        )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("delinea")]
     assert exit_info.value.code == 2 and len(errors) == 1 and "holds no slice store" in errors[0]
     # preprocessing again redoes only the changed case
@@ -128,7 +171,7 @@ def test_a_stale_or_foreign_store_is_refused_in_one_line(
     summary = preprocess(_btcv(root, tmp_path / "split.json"), echo=lambda line: None)
     after = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cases/*/case.json")}
     assert summary["written"] == 1 and [c for c in before if before[c] != after[c]] == ["0001"]
-    with pytest.raises(DatasetError, match="holds a store made for ct 1.5 mm"):
+    with pytest.raises(DatasetError, match=r"holds a store made for ct 1\.5 mm"):
         preprocess(_btcv(root, tmp_path / "split.json", spacing=2.0), echo=lambda line: None)
 
 
@@ -147,7 +190,9 @@ def test_preprocessing_resumes_after_a_kill(btcv_copy: Layout, tmp_path: Path) -
         dm.dataset(split)
     summary = preprocess(_btcv(root, tmp_path / "split.json"), processes=2, echo=lambda line: None)
     assert summary["written"] == 1 and summary["kept"] == 4
-    assert {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cases/*/case.json") if p.parent.name != "0003"} == kept
+    assert {
+        p.parent.name: p.stat().st_mtime_ns for p in store.glob("cases/*/case.json") if p.parent.name != "0003"
+    } == kept
     for case, image in reference.items():
         assert np.array_equal(np.load(store / "cases" / case / "image.npy"), image)
 
@@ -156,8 +201,18 @@ def test_preprocessing_resumes_after_a_kill(btcv_copy: Layout, tmp_path: Path) -
 def test_preprocessing_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     root = tmp_path / "btcv"
     write_btcv(root, n=8)
-    command = [sys.executable, "-m", "delinea", "preprocess", "--data", "btcv", "--data.root", str(root),
-               "--data.split_file", str(tmp_path / "split.json")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "delinea",
+        "preprocess",
+        "--data",
+        "btcv",
+        "--data.root",
+        str(root),
+        "--data.split_file",
+        str(tmp_path / "split.json"),
+    ]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -176,35 +231,61 @@ def test_preprocessing_killed_with_sigkill_resumes(tmp_path: Path) -> None:
 def test_fit_reads_the_store_found_beside_the_split(btcv: Layout, tmp_path: Path) -> None:
     store = _store(btcv[0], tmp_path, resolution=32, augment=False)
     time.sleep(0.01)
-    main(["fit", "--config", str(ROOT / "tests/conf/unet_btcv.yaml"), "--data.root", str(btcv[0]),
-          "--data.split_file", str(tmp_path / "split.json"), "--trainer.default_root_dir", str(tmp_path / "run"),
-          "--trainer.max_steps", "1", *QUIET])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "tests/conf/unet_btcv.yaml"),
+            "--data.root",
+            str(btcv[0]),
+            "--data.split_file",
+            str(tmp_path / "split.json"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.max_steps",
+            "1",
+            *QUIET,
+        ]
+    )
     assert (store / "store.json").exists() and next((tmp_path / "run").rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("micro", [None, {32: 4, 48: 2}])
 @pytest.mark.parametrize(("workers", "ranks"), [(1, 1), (3, 1), (2, 2), (4, 2)])
-def test_each_worker_reads_its_own_cases_in_every_configuration(
-    micro: dict | None, workers: int, ranks: int
-) -> None:
+def test_each_worker_reads_its_own_cases_in_every_configuration(micro: dict | None, workers: int, ranks: int) -> None:
     case_of = np.repeat(np.arange(40), 30)  # 40 cases of 30 slices
     reads = 0
     for rank in range(ranks):
         sampler = SliceBatchSampler(
-            batch_size=4, case_of=case_of, resolutions=[32, 48], shuffle=True, seed=1, block_cases=4,
-            lanes=workers, num_replicas=ranks, rank=rank, micro_batch_sizes=micro, accumulate=3 if micro else 1,
-        )  # fmt: skip
+            batch_size=4,
+            case_of=case_of,
+            resolutions=[32, 48],
+            shuffle=True,
+            seed=1,
+            block_cases=4,
+            lanes=workers,
+            num_replicas=ranks,
+            rank=rank,
+            micro_batch_sizes=micro,
+            accumulate=3 if micro else 1,
+        )
         reads += sum(worker_reads(list(sampler), case_of, workers, cache_cases=4).values())
     # every case once, plus the cases cut at the ends of the workers' runs (and wrapped to whole steps)
     assert reads <= 40 + workers * ranks + (3 if micro else 0), reads
     for rank in range(ranks):  # evaluation: each worker its own run of cases, a case cut between two runs
         sampler = SliceBatchSampler(batch_size=4, case_of=case_of, lanes=workers, num_replicas=ranks, rank=rank)
         evaluated = len(sampler._eval_cases()[rank])
-        assert evaluated <= sum(worker_reads(list(sampler), case_of, workers, cache_cases=1).values()) <= evaluated + workers - 1
+        assert (
+            evaluated
+            <= sum(worker_reads(list(sampler), case_of, workers, cache_cases=1).values())
+            <= evaluated + workers - 1
+        )
 
 
 def test_worker_reads_counts_what_the_dataset_reads(folder: Layout, tmp_path: Path) -> None:
-    dm = FolderDataModule(root=str(folder[0]), resolution=32, batch_size=4, cache_cases=2, split_file=str(tmp_path / "s.json"))
+    dm = FolderDataModule(
+        root=str(folder[0]), resolution=32, batch_size=4, cache_cases=2, split_file=str(tmp_path / "s.json")
+    )
     loader = dm.train_dataloader()
     batches = list(loader.batch_sampler)  # type: ignore[arg-type]
     dataset = dm.dataset("train")
