@@ -255,3 +255,15 @@ def test_memory_section_profiles_every_part_at_toy_size() -> None:
                 assert data["kept"][1] > data["kept_checkpointed"][1] > 0
     assert table["fp32"][64]["decoder"]["kept"][1] > 3 * table["fp32"][32]["decoder"]["kept"][1]  # ~ pixels
     assert "| decoder | 32 | fp32 |" in memory.render(table)
+
+
+def test_loader_section_reports_rates_reads_memory_and_targets(result: dict) -> None:
+    from benchmarks.loader import CONFIGS
+
+    loader = result["loader"]
+    served = {(r["source"], r["window"], r["augment"]) for r in loader["rows"] if r["code"] == "current"}
+    assert {("store", 256, True), ("store", 512, False), ("nifti_warm", 512, True), ("nifti_cold", 256, True)} <= served
+    assert all(r["samples_per_s"] > 0 for r in loader["rows"])
+    assert [r["configuration"] for r in loader["reads"]["current"]["bench_cases"]] == [c[0] for c in CONFIGS]
+    assert loader["preprocess"]["store_mb_per_case"] > 0 and set(loader["memory_mib"]["current"]) >= {"store_augment"}
+    assert "store_worker_memory_at_most_300_mb" in result["targets"] and "| nifti_cold |" in run.render(result)

@@ -118,7 +118,7 @@ class SliceDataset(Dataset):
         #: Whole-volume reads of this process per case number (a volume read again after leaving the cache counts).
         self.reads: Counter[int] = Counter()
         self.store: SliceStore | None = None
-        self._records: list[dict[str, Any]] | None = None
+        self._layouts: list[tuple[str, Region, tuple[int, int, int, int]]] | None = None
         self._boxes: dict[tuple[int, bool], tuple[int, int, int, int]] = {}
 
     def __len__(self) -> int:
@@ -182,24 +182,25 @@ class SliceDataset(Dataset):
         """Serve slices from ``store`` (its checked ``records``, one per case in order), or from the source files
         (None)."""
         self.store = store
-        self._records = list(records) if store is not None and records is not None else None
+        self._layouts = None
+        if store is not None and records is not None:  # what each worker needs of a record (a few numbers per case)
+            self._layouts = []
+            for r in records:
+                x0, x1, y0, y1, spacing = r["region"]
+                box = (int(r["box"][0]), int(r["box"][1]), int(r["box"][2]), int(r["box"][3]))
+                self._layouts.append((r["modality"], Region(int(x0), int(x1), int(y0), int(y1), float(spacing)), box))
 
     def layout(self, number: int) -> tuple[str, Region, tuple[int, int, int, int]]:
         """Case ``number``'s modality, the lattice region its slices are served on (the body box at the plan's
         spacing) and the scan's voxels ``(x0, x1, y0, y1)`` that region covers."""
-        if self.store is not None and self._records is not None:
-            record = self._records[number]
-            x0, x1, y0, y1, spacing = record["region"]
-            box = record["box"]
-            return record["modality"], Region(int(x0), int(x1), int(y0), int(y1), float(spacing)), (
-                int(box[0]), int(box[1]), int(box[2]), int(box[3]))  # fmt: skip
+        if self.store is not None and self._layouts is not None:
+            return self._layouts[number]
         if self.plan is None:
             raise RuntimeError(f"{self.name}: the dataset has no plan yet; the datamodule sets it before loading")
         loaded = self.case(number)
         axes = _axes(loaded)
-        region = axes.region(
-            self.box(number, loaded), self.plan.spacing_for(loaded.modality), self.plan.body_margin or 0.0
-        )
+        margin = self.plan.body_margin or 0.0
+        region = axes.region(self.box(number, loaded), self.plan.spacing_for(loaded.modality), margin)
         return loaded.modality, region, axes.voxels_in(region)
 
     def lattice(
