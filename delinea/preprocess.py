@@ -190,6 +190,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     """``delinea preprocess [--config FILE] --data NAME [--data.* ...] [--processes N] [--ckpt MODEL]``."""
     from jsonargparse import ArgumentParser
 
+    from delinea.datamodules import DATAMODULES
     from delinea.main import DATA_ALIASES, CLIError, _value
     from delinea.tasks.base import read_checkpoint
 
@@ -197,7 +198,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     data = _value(argv, "--data")
     if data is not None and data.lower() in DATA_ALIASES:
         _value(argv, "--data", replace=DATA_ALIASES[data.lower()])
-    parser = ArgumentParser(prog="delinea preprocess", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    elif data is not None and data not in DATA_ALIASES.values() and "." not in data and "\n" not in data:
+        raise CLIError(f"unknown dataset {data!r}; choose one of {', '.join(n for n in DATAMODULES if n != 'scan')}")
+    description = (
+        "Every case of a dataset on the plan, once, into a slice store (README: 'Preprocess once'). Takes the "
+        "data options of fit: --data and --data.*, and --config FILE (only its data section counts)."
+    )
+    parser = ArgumentParser(prog="delinea preprocess", description=description)
     parser.add_subclass_arguments(LabelledDataModule, "data", required=True, fail_untyped=False)
     parser.add_argument("--processes", type=int, default=1, help="worker processes, one torch thread each")
     parser.add_argument("--ckpt", type=str | None, default=None, help="preprocess for this model's plan (fine-tuning)")
