@@ -14,8 +14,9 @@ Batch contract (train, val, test; predict carries ``image``, ``case_id``, ``slic
 
 Slice ``k`` is ``canonical[:, :, k]`` of the RAS+ volume (H along x = towards patient right, W along
 y = anterior), resampled in-plane to the plan's spacing (:mod:`delinea.datamodules.plan`). Training batches
-are ``window x window`` crops of it; validation, test and predict batches are whole resampled slices, case
-by case with slices ascending and one case per batch, so a task can cover them with windows, stack them into
+are ``window x window`` crops of it; validation, test and predict batches are whole resampled slices, one case
+per batch (case by case with slices ascending; with loader workers, each worker's run of cases, interleaved:
+:class:`~delinea.datamodules.samplers.SliceBatchSampler`), so a task can cover them with windows, stack them into
 volumes on each case's own grid (:meth:`MedSegDataModule.case_geometry`) and score them against
 :meth:`MedSegDataModule.load_label`; each rank gets whole cases.
 """

@@ -38,8 +38,11 @@ class SliceDataset(Dataset):
     """Axial slices of a list of cases, read lazily, normalised, resampled to the plan's spacing, windowed.
 
     The index is two small integer arrays (case number and slice number per sample), so it costs a few bytes
-    per slice whatever the dataset size. Each worker keeps the ``cache_cases`` most recently read volumes
-    (stored dtype, memory-mapped for ``.nii``) and normalises and resamples only the slices it serves.
+    per slice whatever the dataset size. Slices come from the source files or, after :meth:`use_store`, from a
+    slice store (:mod:`delinea.datamodules.store`), which holds them already on the plan: both give the same
+    tensors (images at float16 precision). From the source files each worker keeps the ``cache_cases`` most
+    recently read volumes (stored dtype, memory-mapped for ``.nii``; :attr:`reads` counts the reads) and
+    normalises and resamples only what it serves: a training window's rectangle, not the whole slice.
 
     ``dataset[i]`` serves slice ``i`` resampled onto the plan's lattice over the case's body box (evaluation), with
     ``region`` (that lattice rectangle, :meth:`Region.as_tensor`) and ``box`` (the scan's voxels it covers,
