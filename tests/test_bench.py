@@ -85,6 +85,11 @@ def test_json_has_the_issue_keys(result: dict) -> None:
         "latent_cache_at_least_3x",
         "dit_at_least_half_of_matmul_peak",
         "default_within_5x_unet_at_equal_dice",
+        "store_256_augmented_at_least_50_per_s",
+        "store_512_augmented_at_least_25_per_s",
+        "nifti_reads_per_case_at_most_1.5",
+        "store_worker_memory_at_most_300_mb",
+        "8_h100_paper_mix_at_most_3_workers_per_gpu",
     }
 
 
