@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,26 +227,22 @@ def test_preprocessing_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     assert len(list((tmp_path / "split.store").glob("cases/*/case.json"))) == 8
 
 
-def test_fit_reads_the_store_found_beside_the_split(btcv: Layout, tmp_path: Path) -> None:
+def test_fit_reads_the_store_found_beside_the_split(
+    btcv: Layout, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = _store(btcv[0], tmp_path, resolution=32, augment=False)
-    time.sleep(0.01)
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "tests/conf/unet_btcv.yaml"),
-            "--data.root",
-            str(btcv[0]),
-            "--data.split_file",
-            str(tmp_path / "split.json"),
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.max_steps",
-            "1",
-            *QUIET,
-        ]
-    )
-    assert (store / "store.json").exists() and next((tmp_path / "run").rglob("*.ckpt"))
+    fit = ["fit", "--config", str(ROOT / "tests/conf/unet_btcv.yaml"), "--data.root", str(btcv[0]),
+           "--data.split_file", str(tmp_path / "split.json"), "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.max_steps", "1", *QUIET]  # fmt: skip
+    main(fit)
+    assert next((tmp_path / "run").rglob("*.ckpt"))
+    for image in store.glob("cases/*/image.npy"):  # the slices come from there: damaged, fit stops on them
+        image.write_bytes(b"not an array")
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("delinea")]
+    assert exit_info.value.code == 2 and "cannot read case" in errors[-1] and str(store) in errors[-1]
+    main([*fit, "--data.store", "false"])  # the source files still serve
 
 
 @pytest.mark.parametrize("micro", [None, {32: 4, 48: 2}])
