@@ -157,6 +157,7 @@ class SliceStore:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()  # every process maps its own files
+        state["_records"] = {}  # workers serve from the dataset's layouts; markers are read again if asked for
         return state
 
     # -- cases -----------------------------------------------------------------------------------------------
