@@ -39,11 +39,12 @@ from torch.utils.data import default_collate
 
 from benchmarks.common import describe_device, median, paired_ratio, side_by_side
 from delinea.datamodules import FolderDataModule
+from delinea.datamodules.batches import give_plan
 from delinea.datamodules.dataset import SliceDataset
-from delinea.datamodules.plan import Axes, Region, from_lattice, mask_to_lattice
+from delinea.geometry import Axes, Region, from_lattice, mask_to_lattice
 from delinea.labels import FOREGROUND, NUM_CLASSES
+from delinea.segmenter import Segmenter
 from delinea.tasks import MedDelineaTask, UNetTask
-from delinea.tasks.volumes import VolumeAssembler
 from delinea.testing.phantoms import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +137,13 @@ def _volume_planned(task: Any, dm: FolderDataModule) -> None:
     dataset = dm.dataset("test")
     ct = [f.case_id for f in dataset.files].index("ct")
     indices = np.flatnonzero(dataset.case_of == ct).tolist()
-    assembler = VolumeAssembler(dm.case_geometry)
+    segmenter = Segmenter(task)
+    segmenter.start(dm.case_geometry)
     for start in range(0, len(indices), 16):
         batch = default_collate([dataset[i] for i in indices[start : start + 16]])
         with torch.inference_mode():
-            probabilities, uncertainty = task.predict_slices(batch["image"], batch["region"][0])
-        assembler.add(batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"], batch["box"])
+            segmenter.add(batch)
+    segmenter.finish()
 
 
 def _volume_stretched(task: Any, image: np.ndarray) -> None:
@@ -170,7 +172,7 @@ def inference(repeats: int, tmp: Path) -> list[dict[str, Any]]:
                 modality="ct",
                 split_file=str(tmp / f"s{spacing}.json"),
             )
-            task.set_plan(dm.plan_for(None, "fit"))
+            task.set_plan(give_plan(dm, None, "fit"))
             region = Region.from_tensor(dm.dataset("test")[0]["region"])
             stride = 64
             per_axis = [
@@ -264,7 +266,7 @@ def _nearest(mask: np.ndarray, axes: Axes, region: Region) -> torch.Tensor:
 
 
 def _area(mask: np.ndarray, axes: Axes, region: Region) -> torch.Tensor:
-    from delinea.datamodules.plan import to_lattice
+    from delinea.geometry import to_lattice
 
     onehot = F.one_hot(torch.as_tensor(np.asarray(mask)).long(), NUM_CLASSES).permute(2, 0, 1).float()
     return to_lattice(onehot, axes, region, fill=0.0).argmax(0)  # antialiased shares: an area average

@@ -6,7 +6,7 @@ sampling, decoding), seeded as the task seeds it; the slab's mDSC comes from tha
 per volume = per slice x the CT's 112 slices.
 
 Then, side by side with several timed runs each: the whole CT volume (112 slices, chunks of ``chunk`` slices,
-resize in, predict, resize out and argmax through ``delinea.tasks.volumes.VolumeAssembler``) with the chosen
+resize in, predict, resize out and argmax through ``delinea.Segmenter``) with the chosen
 default and with the UNet; and the slab with those two and the task's current default sampler. Precision: the
 task's ``inference_dtype`` (``auto``: bf16 autocast on CPUs with native bf16 and on CUDA).
 
@@ -24,9 +24,10 @@ from torch.utils.data import default_collate
 
 from benchmarks.common import median, paired_ratio, side_by_side, summary, sync
 from benchmarks.models import CTData, slab_dice
+from delinea.datamodules.batches import give_plan
 from delinea.models.diffusion import SCHEDULERS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
-from delinea.tasks.volumes import VolumeAssembler
+from delinea.segmenter import Segmenter
 
 STEPS = (1, 5, 10, 20, 50)
 ENSEMBLES = (1, 5)
@@ -45,21 +46,20 @@ def predict_labels(task: Any, images: torch.Tensor, device: torch.device) -> tor
 
 def segment_volume(task: Any, data: CTData, device: torch.device, chunk: int = 16) -> np.ndarray:
     """Label map of the whole CT on its own grid, as ``delinea test`` makes it: the datamodule's whole slices on the
-    plan's lattice, covered by windows (``predict_slices``), resampled back by the assembler."""
+    plan's lattice, covered by windows and resampled back by the :class:`~delinea.Segmenter`."""
     dm = data.datamodule
-    task.set_plan(dm.plan_for(None, "fit"))
+    task.set_plan(give_plan(dm, None, "fit"))
     dataset = dm.dataset("test")
     ct = [f.case_id for f in dataset.files].index("ct")
     indices = np.flatnonzero(dataset.case_of == ct).tolist()
-    assembler = VolumeAssembler(dm.case_geometry)
+    segmenter = Segmenter(task)
+    segmenter.start(dm.case_geometry)
     done = []
     for start in range(0, len(indices), chunk):
         batch = default_collate([dataset[i] for i in indices[start : start + chunk]])
         with torch.inference_mode():
-            probabilities, uncertainty = task.predict_slices(batch["image"].to(device), batch["region"][0])
-        done += assembler.add(
-            batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch["region"], batch["box"]
-        )
+            done += segmenter.add(batch)
+    segmenter.finish()
     assert len(done) == 1
     return done[0].labels
 

@@ -1,7 +1,7 @@
 """The models section 2 evaluates, and the real CT data it runs on.
 
 Data: the bundled sample CT (``delinea/sample``, canonical RAS, CT window [-175, 250] HU to [-1, 1]) served as the
-datamodules serve it (:mod:`delinea.datamodules.plan`) at the demo's geometry scaled to the window: 3 mm per pixel
+datamodules serve it (:mod:`delinea.geometry`) at the demo's geometry scaled to the window: 3 mm per pixel
 at 128 px (``plan_spacing``), each slice's body region centred in a window padded with air. The held-out slab is
 the demo's: canonical
 z = 86..95 (``delinea.demo.protocol.CT_HELD_OUT``), 10 slices holding all eight organs; training uses the other

@@ -6,9 +6,7 @@ could not write, stops before any computation. :class:`AtomicCheckpointIO` write
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from delinea.datamodules.batches import SliceData
 from delinea.evaluation import save_overlays, write_reports
-from delinea.io import save_nifti
-from delinea.labels import ORGANS
-from delinea.tasks.volumes import PredictedCase
+from delinea.io import check_writable
+from delinea.segmenter import Segmenter, targets_of
+from delinea.tasks import SegmentationTask
 
 REPORT_FILES = ("metrics_per_case.csv", "metrics_summary.json", "metrics_table.md")
 
@@ -34,7 +33,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     file is removed (one left by a SIGKILL is never mistaken for a checkpoint). Lightning's own writer stages the
     file in ``$TMPDIR`` and moves it, which becomes a truncating copy when that is another filesystem.
 
-    Remote paths (``s3://``, ...) are left to Lightning's writer."""
+    Remote paths (``s3://``, ...) are left to Lightning's writer.
+
+    It also reads each checkpoint once: one the CLI has read already (to build the model from its hyperparameters and
+    check that it fits) is handed over (:meth:`hand_over`) and given to the trainer when it resumes from that path,
+    instead of being read again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read: dict[Path, dict[str, Any]] = {}
+
+    def hand_over(self, path: str | Path, checkpoint: dict[str, Any]) -> None:
+        """Give the checkpoint at ``path``, already read, to the next load of that path."""
+        self._read[Path(path).resolve()] = checkpoint
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        read = self._read.pop(Path(path).resolve(), None) if "://" not in str(path) else None
+        if read is not None:
+            return read
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -84,31 +101,6 @@ def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -
     return Path(trainer.log_dir or trainer.default_root_dir) / stage
 
 
-def check_writable(folder: Path, targets: Sequence[Path], overwrite: bool) -> None:
-    """Refuse before any work: an output folder that is a file or cannot be written, or existing targets.
-
-    Raises:
-        FileExistsError: a target exists and ``overwrite`` is False (the first few are named).
-        NotADirectoryError: ``folder`` (or a parent) is a file.
-        PermissionError: ``folder`` cannot be created or written.
-    """
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"output {folder}: {parent} is a file, not a folder")
-    existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        names = ", ".join(str(p) for p in existing[:3]) + (
-            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        )
-        raise FileExistsError(f"{names} exist(s); pass --overwrite true to replace, or choose another --output")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(f"output {folder} cannot be written ({error.strerror or error})") from None
-
-
 class TestReport(Callback):
     """Writes a test run's reports: ``metrics_table.md`` (the paper's per-organ table), ``metrics_per_case.csv``,
     ``metrics_summary.json`` and ``overlays/<case>.png`` for the first ``overlays`` cases of each rank.
@@ -145,9 +137,10 @@ class TestReport(Callback):
         for case in outputs or ():
             if self._drawn >= self.overlays:
                 break
-            image = trainer.datamodule.load_image(case.case_id)  # the image is read for figures only
+            if case.image is None or case.label is None:
+                continue
             save_overlays(
-                image,
+                case.image.astype(np.float32),  # the scan as its batches carried it: nothing is read again
                 case.label,
                 case.labels,
                 self.folder / "overlays" / case.case_id,
@@ -162,8 +155,9 @@ class TestReport(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes each predicted case as ``<case>_seg.nii.gz`` on the input's exact grid (shape, affine, voxel
-    order), a ``<case>_seg.json`` sidecar, and with ``save_uncertainty`` ``<case>_uncertainty.nii.gz``.
+    """Writes each predicted case as the task's :class:`~delinea.Segmenter` writes it (:meth:`Segmenter.write`):
+    ``<case>_seg.nii.gz`` on the input's exact grid (shape, affine, voxel order), a ``<case>_seg.json`` sidecar, and
+    with ``save_uncertainty`` ``<case>_uncertainty.nii.gz``.
 
     Args:
         output_dir: the folder; None: ``<run log folder>/predict``.
@@ -177,18 +171,13 @@ class PredictionWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.save_uncertainty = save_uncertainty
 
-    def targets(self, case_id: str) -> dict[str, Path]:
-        """The files written for a case."""
-        out = {"labels": self.folder / f"{case_id}_seg.nii.gz", "sidecar": self.folder / f"{case_id}_seg.json"}
-        if self.save_uncertainty:
-            out["uncertainty"] = self.folder / f"{case_id}_uncertainty.nii.gz"
-        return out
-
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = output_folder(self.output_dir, trainer, "predict")
-        cases = trainer.datamodule.predict_cases() if hasattr(trainer.datamodule, "predict_cases") else []
+        data = trainer.datamodule
+        cases = data.predict_cases() if isinstance(data, SliceData) else []
         # Every case's files are checked now: a later case must not fail after earlier ones were written.
-        check_writable(self.folder, [p for c in cases for p in self.targets(c).values()], self.overwrite)
+        targets = [p for c in cases for p in targets_of(self.folder, c, self.save_uncertainty).values()]
+        check_writable(self.folder, targets, self.overwrite)
 
     def write_on_batch_end(
         self,
@@ -200,40 +189,11 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        data = trainer.datamodule
+        if not isinstance(pl_module, SegmentationTask) or not isinstance(data, SliceData):
+            return
+        segmenter = pl_module.segmenter
+        if not isinstance(segmenter, Segmenter):
+            raise TypeError(f"{type(pl_module).__name__} predicted without a delinea.Segmenter to write its cases")
         for case in prediction or ():
-            self.write(case, trainer, pl_module)
-
-    def write(self, case: PredictedCase, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write one case's label map (and uncertainty) in the input's voxel order, then its sidecar."""
-        targets = self.targets(case.case_id)
-        geometry = case.geometry
-        save_nifti(
-            geometry.to_original(case.labels).astype(np.uint8),
-            geometry.original_affine,
-            targets["labels"],
-            overwrite=self.overwrite,
-        )
-        if self.save_uncertainty:
-            save_nifti(
-                geometry.to_original(case.uncertainty.astype(np.float32)),
-                geometry.original_affine,
-                targets["uncertainty"],
-                overwrite=self.overwrite,
-            )
-        present = sorted(int(v) for v in np.unique(case.labels) if v)
-        plan = getattr(trainer.datamodule, "plan", None)
-        sidecar = {
-            "source": str(trainer.datamodule.case_path(case.case_id)),
-            "labels": {str(i): name for i, name in enumerate(ORGANS)},
-            "present": {ORGANS[i]: int((case.labels == i).sum()) for i in present},
-            "spacing_mm": [float(s) for s in geometry.spacing],
-            "model": type(pl_module).__name__,
-            "plan": plan.to_dict() if plan is not None else None,
-            "files": {k: str(v) for k, v in targets.items() if k != "sidecar"},
-        }
-        if hasattr(trainer.datamodule, "case_notes"):
-            sidecar |= trainer.datamodule.case_notes(case.case_id)
-        # The sidecar is written last and atomically: its presence means the case is complete.
-        temporary = targets["sidecar"].with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(sidecar, indent=2) + "\n")
-        os.replace(temporary, targets["sidecar"])
+            segmenter.write(case, self.folder, data.case_path(case.case_id), self.overwrite, self.save_uncertainty)

@@ -8,12 +8,17 @@ back to the input's voxel order exactly, and a prediction can be written with th
 
 DICOM is LPS+ (x towards the patient's left, y posterior); :func:`read_dicom_series` flips x and y to build
 a RAS+ affine, the NIfTI convention.
+
+Also here: finding NIfTI files in a folder and pairing images with labels by case id (:func:`nifti_files`,
+:func:`pair_by_id`), and checking that outputs can be written before any work (:func:`check_writable`).
 """
 
 from __future__ import annotations
 
 import gzip
+import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,11 @@ __all__ = [
     "DatasetError",
     "Geometry",
     "Volume",
+    "check_writable",
     "is_nifti",
+    "nifti_files",
+    "nifti_stem",
+    "pair_by_id",
     "read_dicom_series",
     "read_geometry",
     "read_volume",
@@ -53,6 +62,47 @@ def nifti_stem(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def pair_by_id(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    image_dir: Path,
+    label_dir: Path,
+    image_name: str = "{}.nii.gz",
+    label_name: str = "{}.nii.gz",
+) -> list[tuple[str, Path, Path]]:
+    """Pair image and label files by case id. A case with only one of the two gets the path the other should
+    have (``<dir>/<name with the id>``, which does not exist), so checking the case reports exactly which file is
+    missing."""
+    return [
+        (case_id, images.get(case_id, image_dir / image_name.format(case_id)),
+         labels.get(case_id, label_dir / label_name.format(case_id)))
+        for case_id in sorted(set(images) | set(labels))
+    ]  # fmt: skip
+
+
+def nifti_files(folder: Path, strip: str = "") -> dict[str, Path]:
+    """NIfTI files of ``folder`` by stem (with ``strip`` removed from the end of the stem, e.g. ``_0000``).
+
+    Raises:
+        DatasetError: two files give one stem (``b.nii.gz`` and ``b_0000.nii.gz``, ``c.nii`` and ``c.nii.gz``):
+            which one is the case cannot be guessed.
+    """
+    if not folder.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and is_nifti(path) and not path.name.startswith("."):
+            stem = nifti_stem(path)
+            if strip and stem.endswith(strip):
+                stem = stem[: -len(strip)]
+            if stem in out:
+                raise DatasetError(
+                    f"{folder}: {out[stem].name} and {path.name} are both case {stem!r}; remove or rename one"
+                )
+            out[stem] = path
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,3 +375,28 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
     img.set_sform(affine, code=1)
     nib.save(img, str(path))
     return path
+
+
+def check_writable(folder: Path, targets: Sequence[Path], overwrite: bool) -> None:
+    """Refuse before any work: an output folder that is a file or cannot be written, or existing targets.
+
+    Raises:
+        FileExistsError: a target exists and ``overwrite`` is False (the first few are named).
+        NotADirectoryError: ``folder`` (or a parent) is a file.
+        PermissionError: ``folder`` cannot be created or written.
+    """
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"output {folder}: {parent} is a file, not a folder")
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        names = ", ".join(str(p) for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise FileExistsError(f"{names} exist(s); pass --overwrite true to replace, or choose another --output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output {folder} cannot be written ({error.strerror or error})") from None

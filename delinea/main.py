@@ -26,11 +26,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import delinea
 from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
-from delinea.datamodules import DATAMODULES, MedSegDataModule
+from delinea.datamodules import DATAMODULES, MedSegDataModule, SliceData
 from delinea.errors import UserError
+from delinea.segmenter import Segmenter
 from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
-from delinea.tasks.base import read_checkpoint
-from delinea.tasks.export import is_model_folder, load_into, read_model_folder
+from delinea.tasks.checkpoints import read_checkpoint, saved_hparams
+from delinea.tasks.export import is_model_folder
 
 #: Names accepted by ``--data`` (case-insensitive), besides the class names.
 DATA_ALIASES: dict[str, str] = {name: cls.__name__ for name, cls in DATAMODULES.items()} | {
@@ -68,43 +69,6 @@ def _value(argv: list[str], name: str, replace: str | None = None) -> str | None
     if replace is not None and where is not None:
         argv[where[0]] = f"{name}={replace}" if where[1] else replace
     return value
-
-
-def read_checkpoint_task(path: Path) -> tuple[str, dict[str, Any]]:
-    """The registered task name and hyperparameters a delinea checkpoint (read weights-only and memory-mapped: the
-    tensors are not loaded) or model folder was saved with.
-
-    Raises:
-        CheckpointError: the file is not a checkpoint, or names no task (or one delinea does not register).
-    """
-    checkpoint = read_checkpoint(path, mmap=True)
-    if "state_dict" not in checkpoint:
-        raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    return checkpoint_task(checkpoint, path).__name__, hparams
-
-
-def check_fits(model: LightningModule, path: Path) -> None:
-    """Refuse a checkpoint whose weights do not fit the model built from the options (read memory-mapped), naming
-    the options that differ from the ones it was trained with.
-
-    Raises:
-        CLIError: a weight's shape differs, or the checkpoint lacks or adds trainable weights.
-    """
-    checkpoint = read_checkpoint(path, mmap=True)
-    state, own = checkpoint.get("state_dict", {}), model.state_dict()
-    frozen = model.frozen_keys() if hasattr(model, "frozen_keys") else set()
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    wrong += [k for k in state if k not in own] + [k for k in own if k not in state and k not in frozen]
-    if not wrong:
-        return
-    saved = checkpoint.get("hyper_parameters", {})
-    differ = [f"{k}={model.hparams[k]!r} (checkpoint: {saved[k]!r})" for k in saved
-              if k in model.hparams and saved[k] != model.hparams[k]]  # fmt: skip
-    raise CLIError(
-        f"checkpoint {path} does not fit the model the options build ({len(wrong)} weights differ, e.g. {wrong[0]})"
-        + (f"; options that differ from the checkpoint's: {', '.join(differ)}" if differ else "")
-    )
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path:
@@ -169,9 +133,13 @@ class OneLineErrorsCLI(LightningCLI):
 
 
 class DelineaCLI(OneLineErrorsCLI):
-    """LightningCLI with dataset names, checkpoint defaults, ``last`` resolution and the output callbacks."""
+    """LightningCLI with dataset names, checkpoint defaults, ``last`` resolution, the output callbacks, and the
+    :class:`~delinea.Segmenter` that segments whole cases. A checkpoint is read once: its task and hyperparameters
+    become the model's defaults, then the same copy is loaded into the model (or handed to the trainer to resume)."""
 
     checkpoint: Path | str | None = None
+    #: The checkpoint (or model folder) as read, weights-only and memory-mapped.
+    checkpoint_data: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -231,7 +199,11 @@ class DelineaCLI(OneLineErrorsCLI):
                 f"--model.init_from {path}"
             )
         self.checkpoint = path
-        self.checkpoint_task, hparams = read_checkpoint_task(path)
+        self.checkpoint_data = read_checkpoint(path, mmap=True)
+        if "state_dict" not in self.checkpoint_data:
+            raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
+        self.checkpoint_task = checkpoint_task(self.checkpoint_data, path).__name__
+        hparams = saved_hparams(self.checkpoint_data)
         explicit = _value(argv, "--model")
         if (
             explicit is not None
@@ -256,35 +228,49 @@ class DelineaCLI(OneLineErrorsCLI):
         ])  # fmt: skip
         return trainer
 
-    def _checkpoint_path(self) -> str | None:
-        """The checkpoint for the trainer, checked against the model; a model folder is loaded into the model here
-        instead."""
+    def _checkpoint_path(self, model: LightningModule) -> str | None:
+        """The checkpoint to resume a fit from (its copy read once, handed to the trainer's checkpoint IO), checked
+        against the model; None when there is none."""
         if self.checkpoint == "last":
             self.checkpoint = find_last_checkpoint(self.trainer)
-        if self.checkpoint is not None and is_model_folder(self.checkpoint):
-            load_into(self.model, read_model_folder(self.checkpoint))
+            self.checkpoint_data = read_checkpoint(self.checkpoint, mmap=True)
+        if self.checkpoint is None or self.checkpoint_data is None:
             return None
-        if self.checkpoint is not None:
-            check_fits(self.model, Path(self.checkpoint))
-        return None if self.checkpoint is None else str(self.checkpoint)
+        if isinstance(model, SegmentationTask):
+            model.check_fits(self.checkpoint_data, self.checkpoint)
+        io = self.trainer.strategy.checkpoint_io
+        if isinstance(io, AtomicCheckpointIO):
+            io.hand_over(self.checkpoint, self.checkpoint_data)
+        return str(self.checkpoint)
+
+    def _evaluate(self, model: LightningModule, datamodule: LightningDataModule | None, stage: str) -> None:
+        """Load the checkpoint's copy into the model (read once, checked) and attach the Segmenter that segments
+        whole cases, with the plan the datamodule serves."""
+        if isinstance(model, SegmentationTask):
+            if self.checkpoint_data is not None:
+                model.check_fits(self.checkpoint_data, self.checkpoint or "")
+                model.restore(self.checkpoint_data)
+            segmenter = Segmenter(model)
+            if isinstance(datamodule, SliceData):
+                segmenter.prepare(datamodule, stage)
 
     # The subcommands, with the checkpoint this CLI took out of argv, loaded weights-only whatever the environment
     # says (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot switch it off).
     def fit(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
-        kwargs.update(ckpt_path=self._checkpoint_path(), weights_only=True)
-        if kwargs["ckpt_path"] is None and isinstance(model, SegmentationTask):
-            model.start_from_parent()  # a bad init_from stops the run before the data are read
+        kwargs.update(ckpt_path=self._checkpoint_path(model), weights_only=True)
+        if isinstance(model, SegmentationTask):
+            Segmenter(model)  # segments the validation cases when val_metrics is on
+            if kwargs["ckpt_path"] is None:
+                model.start_from_parent()  # a bad init_from stops the run before the data are read
         self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def validate(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
-        self.trainer.validate(
-            model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True}
-        )
+        self._evaluate(model, datamodule, "validate")
+        self.trainer.validate(model, datamodule=datamodule, **{**kwargs, "weights_only": True})
 
     def test(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
-        self.trainer.test(
-            model, datamodule=datamodule, **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True}
-        )
+        self._evaluate(model, datamodule, "test")
+        self.trainer.test(model, datamodule=datamodule, **{**kwargs, "weights_only": True})
 
     def predict(
         self,
@@ -294,11 +280,12 @@ class DelineaCLI(OneLineErrorsCLI):
         **kwargs: Any,
     ) -> None:
         """``trainer.predict`` that keeps no predictions in memory unless asked: the writer has them on disk."""
+        self._evaluate(model, datamodule, "predict")
         self.trainer.predict(
             model,
             datamodule=datamodule,
             return_predictions=bool(return_predictions),
-            **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True},
+            **{**kwargs, "weights_only": True},
         )
 
 

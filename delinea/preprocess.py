@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import yaml
 
-from delinea.datamodules.base import LabelledDataModule
+from delinea.datamodules.batches import give_plan
 from delinea.datamodules.dataset import SliceDataset
-from delinea.datamodules.plan import Plan
+from delinea.datamodules.labelled import LabelledDataModule
 from delinea.datamodules.store import SliceStore
 from delinea.errors import OptionError
+from delinea.geometry import Plan
 from delinea.io import DatasetError
 
 _WORKER: tuple[SliceDataset, SliceStore] | None = None
@@ -63,7 +64,7 @@ def preprocess(
         raise OptionError(f"processes must be at least 1, got {processes}")
     ids = list(dict.fromkeys(c for split in ("train", "val", "test") for c in datamodule._split_ids(split, whole=True)))
     cases, _ = datamodule._checked(ids, True, datamodule.skip_bad_cases)
-    plan = datamodule.plan_for(model_plan, "fit")
+    plan = give_plan(datamodule, model_plan, "fit")
     store = SliceStore.create(
         datamodule.store_path(), datamodule.store_settings(), datamodule.name, datamodule.root_string
     )
@@ -192,7 +193,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     from delinea.datamodules import DATAMODULES
     from delinea.main import DATA_ALIASES, CLIError, _value
-    from delinea.tasks.base import read_checkpoint
+    from delinea.tasks.checkpoints import read_checkpoint
 
     argv = _data_configs(list(argv))
     data = _value(argv, "--data")

@@ -12,9 +12,10 @@ import pytest
 import torch
 from nibabel.processing import resample_from_to, resample_to_output
 
-from delinea.datamodules import DatasetError, FolderDataModule, Plan
-from delinea.datamodules.plan import (
+from delinea.datamodules import DatasetError, FolderDataModule
+from delinea.geometry import (
     Axes,
+    Plan,
     Region,
     crop_window,
     from_lattice,

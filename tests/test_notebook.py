@@ -23,8 +23,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from torch.utils.data import DataLoader
 
-from delinea.datamodules import Plan
 from delinea.demo.run import main as demo
+from delinea.geometry import Plan
 from delinea.labels import FOREGROUND
 from delinea.models import build_dit, build_vae, save_dit, save_vae
 from delinea.tasks import MedDelineaTask

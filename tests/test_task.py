@@ -219,7 +219,7 @@ def test_schedule_decays_over_steps_or_max_time_whichever_ends_first() -> None:
 
     from lightning.pytorch.callbacks import Timer
 
-    from delinea.tasks.base import adamw_with_schedule
+    from delinea.tasks.optim import adamw_with_schedule
 
     task = MedDelineaTask(**TINY, lr=1.0, lr_schedule="cosine", warmup_steps=0)
     timer = Timer(duration="00:00:01:40")  # 100 s

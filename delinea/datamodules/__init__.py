@@ -1,16 +1,18 @@
 """Datamodules: one per dataset over a common base, plus a generic folder and new-scan prediction.
 
-The batch contract is documented in :mod:`delinea.datamodules.base`.
+The batch contract, one ``TypedDict`` per stage, and what tasks ask of a datamodule (:class:`SliceData`) are in
+:mod:`delinea.datamodules.batches`.
 """
 
 from delinea.datamodules.amos import AMOSDataModule
 from delinea.datamodules.atlas8k import Atlas8kDataModule
-from delinea.datamodules.base import Case, LabelledDataModule, MedSegDataModule
+from delinea.datamodules.base import Case, MedSegDataModule
+from delinea.datamodules.batches import EvalBatch, PredictBatch, SliceData, TrainBatch, WindowBatch
 from delinea.datamodules.btcv import BTCVDataModule
 from delinea.datamodules.cirrmri600 import CirrMRI600DataModule
 from delinea.datamodules.folder import FolderDataModule
+from delinea.datamodules.labelled import LabelledDataModule, SequenceDataModule
 from delinea.datamodules.panseg import PanSegDataModule
-from delinea.datamodules.plan import Plan
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.scan import ScanDataModule
 from delinea.io import DatasetError
@@ -34,11 +36,16 @@ __all__ = [
     "Case",
     "CirrMRI600DataModule",
     "DatasetError",
+    "EvalBatch",
     "FolderDataModule",
     "LabelledDataModule",
     "MedSegDataModule",
     "PanSegDataModule",
-    "Plan",
+    "PredictBatch",
     "ScanDataModule",
+    "SequenceDataModule",
     "SliceBatchSampler",
+    "SliceData",
+    "TrainBatch",
+    "WindowBatch",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from delinea.datamodules.base import LabelledDataModule, nifti_files, pair_by_id
+from delinea.datamodules.labelled import LabelledDataModule
 from delinea.datamodules.utils import CaseFiles, LabelSpec
 from delinea.errors import DatasetError, OptionError
+from delinea.io import nifti_files, pair_by_id
 from delinea.labels import AMOS
 
 # 0 background, 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 esophagus, 6 liver, 7 stomach,

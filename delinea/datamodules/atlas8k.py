@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from delinea.datamodules.base import LabelledDataModule
+from delinea.datamodules.labelled import LabelledDataModule
 from delinea.datamodules.utils import CaseFiles, LabelSpec
 from delinea.io import DatasetError
 from delinea.labels import ATLAS8K, ATLAS8K_FILES

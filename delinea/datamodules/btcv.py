@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from delinea.datamodules.base import LabelledDataModule, nifti_files, pair_by_id
+from delinea.datamodules.labelled import LabelledDataModule
 from delinea.datamodules.utils import CaseFiles, LabelSpec
+from delinea.io import nifti_files, pair_by_id
 from delinea.labels import BTCV
 
 # 0 background, 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 esophagus, 6 liver, 7 stomach,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from delinea.datamodules.base import SequenceDataModule
+from delinea.datamodules.labelled import SequenceDataModule
 from delinea.datamodules.utils import LabelSpec
 from delinea.labels import ORGAN_IDS, only_labelled
 

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from delinea.datamodules.plan import (
+from delinea.datamodules.store import SliceStore
+from delinea.datamodules.transforms import augmentation
+from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
+from delinea.geometry import (
     BODY_THRESHOLD,
     IMAGE_FILL,
     Axes,
@@ -24,9 +27,6 @@ from delinea.datamodules.plan import (
     to_lattice,
     window_offsets,
 )
-from delinea.datamodules.store import SliceStore
-from delinea.datamodules.transforms import augmentation
-from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec, LoadedCase, load_case_files
 from delinea.io import DatasetError
 from delinea.labels import NUM_CLASSES
 
@@ -46,7 +46,8 @@ class SliceDataset(Dataset):
 
     ``dataset[i]`` serves slice ``i`` resampled onto the plan's lattice over the case's body box (evaluation), with
     ``region`` (that lattice rectangle, :meth:`Region.as_tensor`) and ``box`` (the scan's voxels it covers,
-    ``(x0, x1, y0, y1)`` inside the volume);
+    ``(x0, x1, y0, y1)`` inside the volume), and for labelled data the slice on the scan's own grid
+    (``native_label``, ``native_image``: what 3D scoring and figures need, so the main process reads nothing again);
     ``dataset[(i, window, seed)]`` a ``window x window`` crop of it placed by ``seed`` (training: what
     :class:`~delinea.datamodules.samplers.SliceBatchSampler` yields), centred on a labelled pixel for a
     ``foreground_share`` of the seeds, padded with the background value where it reaches past the slice.
@@ -72,6 +73,8 @@ class SliceDataset(Dataset):
             ``replace`` (by the scan's lowest finite value; predict, counted in :meth:`replaced`).
         skip_bad: a training window whose case fails to load is served from the next good case instead, and the
             case is warned about (with its error) and never read again by this worker; evaluation still raises.
+        loaded: the cases already in memory (in ``cases``' order), e.g. an array to segment; None reads them from
+            their files.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class SliceDataset(Dataset):
         affine_tolerance: float = 1e-3,
         nonfinite: Literal["refuse", "replace"] = "refuse",
         skip_bad: bool = False,
+        loaded: Sequence[LoadedCase] | None = None,
     ) -> None:
         self.name = name
         self.root = root
@@ -123,6 +127,7 @@ class SliceDataset(Dataset):
         self.store: SliceStore | None = None
         self._layouts: list[tuple[str, Region, tuple[int, int, int, int]]] | None = None
         self._boxes: dict[tuple[int, bool], tuple[int, int, int, int]] = {}
+        self._loaded = list(loaded) if loaded is not None else None
 
     def __len__(self) -> int:
         return len(self.case_of)
@@ -133,7 +138,9 @@ class SliceDataset(Dataset):
         return state
 
     def case(self, number: int) -> LoadedCase:
-        """The loaded case ``number``, from this process's LRU cache or disk."""
+        """The loaded case ``number``, from memory, this process's LRU cache or disk."""
+        if self._loaded is not None:
+            return self._loaded[number]
         if number in self._cache:
             self._cache.move_to_end(number)
             return self._cache[number]
@@ -146,6 +153,12 @@ class SliceDataset(Dataset):
         while len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
         return loaded
+
+    def replaced(self, number: int) -> int:
+        """NaN or infinite voxels of case ``number`` replaced by its lowest value where it was read (scans to predict;
+        training and evaluation data refuse them, and a store holds none)."""
+        loaded = self._loaded[number] if self._loaded is not None else self._cache.get(number)
+        return loaded.replaced if loaded is not None else 0
 
     def transform(self, window: int) -> Any:
         """The augmentation pipeline for ``window`` (built once per process; reseeded per sample)."""
@@ -286,8 +299,11 @@ class SliceDataset(Dataset):
         }
         crop = None
         augment = False
+        native: LoadedCase | None = None
         if not window:
             image, mask = self.lattice(number, k, region)
+            if self.spec is not None:  # a whole slice to score: its label and image on the scan's own grid
+                native = self.case(number)  # read already, unless the slices come from a store
         else:
             rng = np.random.default_rng(seed)
             centred = self.spec is not None and rng.random() < self.foreground_share
@@ -305,12 +321,17 @@ class SliceDataset(Dataset):
                 mask = _plain(out["mask"])[0].round().long()
         assert image is not None
         sample["image"] = image.contiguous()
+        sample["nonfinite"] = self.replaced(number)
         if mask is None:
             sample["cache_key"] = ""
             return sample
         sample["mask"] = mask.contiguous()
         sample["labelled"] = self.labelled[number].clone()
         sample["cache_key"] = "" if augment else self.cache_key(index, region, modality, crop)
+        if native is not None:
+            label = native.label if native.label is not None else np.zeros(native.volume.array.shape, np.uint8)
+            sample["native_label"] = torch.from_numpy(np.ascontiguousarray(label[:, :, k]))
+            sample["native_image"] = torch.from_numpy(native.image_slice(k, self.intensity))
         return sample
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from delinea.datamodules.base import LabelledDataModule, nifti_files, pair_by_id
+from delinea.datamodules.labelled import LabelledDataModule
 from delinea.datamodules.utils import CaseFiles, LabelSpec
 from delinea.errors import OptionError
+from delinea.io import nifti_files, pair_by_id
 from delinea.labels import NUM_CLASSES
 
 

@@ -63,6 +63,7 @@ class CaseIndex:
         threads: int = 1,
         verify: bool = False,
         nonfinite: Literal["refuse", "replace"] = "refuse",
+        modality: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """Entries for ``cases``, inspecting (in ``threads`` threads) those missing or stale, then saving.
 
@@ -70,7 +71,8 @@ class CaseIndex:
         ``modality`` (``ct``/``mr``), ``error`` (str or None) and, with ``foreground``, ``foreground`` (the axial
         indices holding any labelled voxel; reading every label also checks its ids). ``verify`` reads every case
         whole, as the loader will (truncated data, NaN voxels under ``nonfinite="refuse"``, label ids), and
-        records ``verified``.
+        records ``verified``. ``modality`` reads the image of a case whose modality is ``auto`` to detect it (planning
+        needs it; a loader detects it where it reads the case anyway).
         """
         todo = []
         options = _options(atol, ignore_unknown)
@@ -87,12 +89,13 @@ class CaseIndex:
                 or not fresh
                 or (foreground and entry.get("error") is None and entry.get("foreground") is None)
                 or (verify and entry.get("error") is None and entry.get("verified") != nonfinite)
+                or (modality and entry.get("error") is None and entry.get("modality") == "auto")
             ):
                 todo.append(files)
         if todo:
 
             def work(f: CaseFiles) -> dict[str, Any]:
-                entry = _inspect(f, needs_label, spec, foreground, atol, ignore_unknown)
+                entry = _inspect(f, needs_label, spec, foreground, atol, ignore_unknown, modality)
                 if verify and entry["error"] is None:
                     try:
                         intensity = Intensity()  # the checks do not depend on the normalisation
@@ -126,7 +129,13 @@ class CaseIndex:
 
 
 def _inspect(
-    files: CaseFiles, needs_label: bool, spec: LabelSpec | None, foreground: bool, atol: float, ignore_unknown: bool
+    files: CaseFiles,
+    needs_label: bool,
+    spec: LabelSpec | None,
+    foreground: bool,
+    atol: float,
+    ignore_unknown: bool,
+    modality: bool = False,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "stat": files.stat_key(),
@@ -141,7 +150,7 @@ def _inspect(
         geometry = check_case(files, needs_label, atol)
         entry["slices"] = int(geometry.canonical_shape[2])
         entry["spacing"] = [float(geometry.spacing[0]), float(geometry.spacing[1])]
-        if files.modality == "auto":
+        if modality and files.modality == "auto":
             entry["modality"] = detect_modality(read_volume(files.image))
         if foreground and spec is not None:
             label = read_label(files, spec, geometry, ignore_unknown, atol)

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
+from delinea.errors import OptionError
+
 
 class SliceBatchSampler(BatchSampler):
     """Batches of ``(index, window, seed)`` over a slice index, case-blocked and seeded for training.
@@ -39,7 +41,7 @@ class SliceBatchSampler(BatchSampler):
     Evaluation (``shuffle=False``): every slice, whole (window 0); a batch never holds two cases, since their
     resampled slices differ in size. With one lane, case by case in index order, slices ascending; with several,
     each worker gets a contiguous run of those batches and the workers' batches are interleaved, so a case's
-    slices may arrive from two workers, out of order (:class:`~delinea.tasks.volumes.VolumeAssembler` takes them
+    slices may arrive from two workers, out of order (:class:`~delinea.volumes.VolumeAssembler` takes them
     in any order). Ranks get whole cases,
     balanced by slice count, so per-case volumes can be stacked on one rank; batch counts may differ by rank (log
     eval metrics per epoch, not per step with a sync). With fewer cases than ranks, the extra ranks repeat a case
@@ -364,3 +366,53 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._passes, self._handed_out = int(state["passes"]), int(state["batches"])
+
+
+def checked_cycle(
+    batch_size: int, micro_batch_size: int | dict[int, int], windows: Sequence[int]
+) -> list[tuple[int, int]]:
+    """:func:`micro_batch_cycle` for a ``micro_batch_size`` option (one size, or one per window).
+
+    Raises:
+        OptionError: a window without a micro-batch size, or one that does not divide ``batch_size``.
+    """
+    sizes = (
+        {int(w): int(micro_batch_size) for w in windows}
+        if isinstance(micro_batch_size, int)
+        else {int(k): int(v) for k, v in micro_batch_size.items()}
+    )
+    try:
+        return micro_batch_cycle(batch_size, windows, sizes)
+    except ValueError as error:
+        raise OptionError(str(error)) from None
+
+
+def micro_batch_plan(
+    batch_size: int, micro_batch_size: int | dict[int, int] | None, windows: Sequence[int], accumulate: int = 1
+) -> tuple[list[tuple[int, int]], dict[int, float]] | None:
+    """The training resolution cycle as (window, micro-batch) pairs and each window's loss weight (its micro-batch
+    over the step's mean micro-batch, so every sample of a step weighs the same); None without ``micro_batch_size``.
+
+    Args:
+        batch_size: samples per batch of one window size.
+        micro_batch_size: samples per micro-batch, per window size or for all; None: whole batches.
+        windows: the training windows, alternated between batches.
+        accumulate: the Trainer's ``accumulate_grad_batches`` (counted in micro-batches).
+
+    Raises:
+        OptionError: a micro-batch size that does not divide ``batch_size``, or an ``accumulate`` that is no whole
+            number of resolution cycles.
+    """
+    if micro_batch_size is None:
+        return None
+    cycle = checked_cycle(batch_size, micro_batch_size, windows)
+    if accumulate % len(cycle):
+        cycles = max(1, -(-accumulate // len(windows)))  # reading the value as batches of batch_size
+        raise OptionError(
+            f"trainer.accumulate_grad_batches {accumulate} counts micro-batches and must be a whole number of "
+            f"resolution cycles ({describe_cycle(cycle)}: {len(cycle)} micro-batches), so that every optimiser "
+            f"step holds the same slices of each size: e.g. {cycles * len(cycle)} for "
+            f"{cycles * len(windows)} batches of {batch_size}"
+        )
+    mean = sum(size for _, size in cycle) / len(cycle)
+    return cycle, {window: size / mean for window, size in cycle}

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.data import DataLoader
 
-from delinea.datamodules.base import MedSegDataModule, nifti_files
-from delinea.datamodules.utils import CaseFiles, count_nonfinite
+from delinea.datamodules.base import MedSegDataModule
+from delinea.datamodules.utils import CaseFiles
 from delinea.errors import OptionError
-from delinea.io import DatasetError, is_nifti, nifti_stem, read_volume
+from delinea.io import DatasetError, is_nifti, nifti_files, nifti_stem
 
 
 class ScanDataModule(MedSegDataModule):
     """Slices of unlabelled scans for ``predict``, resampled to the model's plan; :meth:`case_geometry` gives
     each scan's grid for writing predictions back onto it.
 
-    Predict batches carry ``image`` (B, 1, H, W), ``case_id``, ``slice_index`` and an empty ``cache_key``,
-    case by case with slices ascending, one case per batch.
+    Predict batches (:class:`~delinea.datamodules.batches.PredictBatch`) hold whole slices, case by case with slices
+    ascending, one case per batch.
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, a folder of them, or a folder holding one DICOM series.
@@ -43,7 +42,6 @@ class ScanDataModule(MedSegDataModule):
                 "(expected a NIfTI file, a folder of them, or a DICOM series folder)"
             )
         self.modality = modality
-        self._replaced: dict[str, int] = {}
 
     @property
     def root_string(self) -> str:
@@ -60,26 +58,12 @@ class ScanDataModule(MedSegDataModule):
         return [CaseFiles(self.path.name, self.path, modality=self.modality)]  # a DICOM series, checked on setup
 
     def setup(self, stage: str) -> None:
-        """Check every scan's header and index its slices (any stage serves the predict slices); count the NaN or
-        infinite voxels of floating-point scans, which are replaced by the scan's lowest value (warned, and noted
-        in each prediction's sidecar by :meth:`case_notes`)."""
+        """Check every scan's header and index its slices (any stage serves the predict slices). NaN or infinite
+        voxels are replaced by the scan's lowest value where the scan is read (counted in each batch's
+        ``nonfinite``: the prediction's sidecar notes it)."""
         if "predict" not in self._datasets:
             cases, _ = self._checked(list(self.files), needs_label=False, skip=False)
             self._datasets["predict"] = self._dataset(cases)
-            for files, _ in cases:
-                count = count_nonfinite(read_volume(files.image))
-                self._replaced[files.case_id] = count
-                if count:
-                    warnings.warn(
-                        f"{files.image}: {count} voxel(s) are NaN or infinite; they are segmented as the scan's "
-                        "lowest finite value (noted in the prediction's sidecar)",
-                        stacklevel=2,
-                    )
-
-    def case_notes(self, case_id: str) -> dict[str, Any]:
-        """What a prediction's sidecar records about its input beyond the file: replaced non-finite voxels."""
-        count = self._replaced.get(case_id, 0)
-        return {"nonfinite_voxels_replaced": count} if count else {}
 
     def predict_dataloader(self) -> DataLoader:
         """Every slice of every scan, scan by scan, slices ascending."""

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from delinea.datamodules.plan import Plan, Region
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec
+from delinea.geometry import Plan, Region
 from delinea.io import DatasetError
 
 VERSION = 1

@@ -310,7 +310,20 @@ def load_case_files(
     Raises:
         DatasetError: missing, corrupt or inconsistent files, unknown label ids, non-finite voxels to refuse.
     """
-    volume = read_volume(files.image)
+    loaded = loaded_case(files, read_volume(files.image), intensity, nonfinite)
+    if spec is not None and files.has_label:
+        loaded.label = read_label(files, spec, loaded.volume.geometry, ignore_unknown, atol)
+    return loaded
+
+
+def loaded_case(
+    files: CaseFiles, volume: Volume, intensity: Intensity, nonfinite: Literal["refuse", "replace"] = "refuse"
+) -> LoadedCase:
+    """A case's image already read (from its file, or an array in memory), with its modality and normalisation.
+
+    Raises:
+        DatasetError: non-finite voxels to refuse, or an unknown modality.
+    """
     if nonfinite == "replace":
         volume, replaced = replace_nonfinite(volume)
     else:
@@ -323,7 +336,4 @@ def load_case_files(
     modality = detect_modality(volume) if files.modality == "auto" else files.modality
     if modality not in MODALITIES:
         raise DatasetError(f"case {files.case_id!r}: modality {modality!r}, expected one of {MODALITIES} or 'auto'")
-    label = None
-    if spec is not None and files.has_label:
-        label = read_label(files, spec, volume.geometry, ignore_unknown, atol)
-    return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), label, replaced)
+    return LoadedCase(files, volume, modality, intensity.bounds(volume, modality), None, replaced)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from delinea.demo.downstream import Demo
 from delinea.demo.protocol import CONFIGS, CT_TRAIN, CT_VALIDATION, WEIGHTS, cut_slab
 from delinea.tasks import MedDelineaTask, SegmentationTask, UNetTask, load_task
 from delinea.tasks.export import save_model_folder
@@ -145,11 +146,9 @@ def curves(run: Path) -> dict[str, Any]:
 
 
 def downstream(record: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The demo's downstream protocol (:class:`~delinea.demo.run.Demo`: zero-shot tests, few-shot fine-tuning) for
-    every seed's pretrained pair, and each test's mean and standard deviation over the seeds, of the mDSC and of
-    the liver Dice. These are test numbers: nothing is chosen by them."""
-    from delinea.demo.run import Demo
-
+    """The demo's downstream protocol (:class:`~delinea.demo.downstream.Demo`: zero-shot tests, few-shot
+    fine-tuning) for every seed's pretrained pair, and each test's mean and standard deviation over the seeds, of the
+    mDSC and of the liver Dice. These are test numbers: nothing is chosen by them."""
     tests = {}
     for seed in record["seeds"]:
         models = {kind: Path(record["runs"][f"{kind}_seed{seed}"]["checkpoint"]) for kind in MODELS}

@@ -21,8 +21,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from delinea.datamodules import FolderDataModule
-from delinea.datamodules.plan import IMAGE_FILL, crop_window
 from delinea.evaluation import dice_from_counts, mean_dice, overlap_counts
+from delinea.geometry import IMAGE_FILL, crop_window
 from delinea.io import read_geometry
 from delinea.labels import FOREGROUND, NUM_CLASSES, ORGANS, PALETTE, rgb_to_mask
 from delinea.models.diffusion import NoiseSchedule, null_class, sample_latents

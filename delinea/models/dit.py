@@ -7,10 +7,8 @@ residual after each block. Original facebookresearch/DiT ``.pt`` checkpoints are
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from delinea.errors import CheckpointError
+from delinea.models.weights import load_torch_file, load_weights, read_weights
 
 # DiT size presets (depth, hidden size, heads) from the DiT paper, plus a tiny one for tests and CPU demos.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -213,7 +212,7 @@ def load_dit(path: str | Path, num_heads: int | None = None) -> DiTTransformer2D
     if not path.exists():
         raise FileNotFoundError(f"DiT weights not found at {path}: expected a diffusers folder or a DiT .pt file")
     if path.is_file():
-        return convert_original_dit(_load_torch_file(path), source=str(path), num_heads=num_heads)
+        return convert_original_dit(load_torch_file(path), source=str(path), num_heads=num_heads)
     folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -238,66 +237,6 @@ def save_dit(dit: DiTTransformer2DModel, folder: str | Path, max_shard_size: str
     Small shards keep every file of weights shipped in the repository under 5 MB.
     """
     dit.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Read the weights of a diffusers model folder: safetensors preferred, else a ``.bin`` without pickled code."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no *.safetensors or *.bin weight file")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)) if file.suffix == ".safetensors" else _load_torch_file(file))
-    return state
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` that names the file and the missing, unexpected or mis-shaped keys on failure."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"weights in {source} do not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(shapes)} with another shape {sorted(shapes)[:3]}"
-        )
-    model.load_state_dict(state)
-
-
-#: The only class besides tensors and plain containers that a weights-only load of a DiT ``.pt`` accepts: the
-#: ``argparse.Namespace`` of facebookresearch/DiT's ``train.py`` checkpoints (``args``), plain data with no code.
-SAFE_CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-
-def _load_torch_file(path: Path) -> dict:
-    """Read a torch file weights-only: a checkpoint from the internet must not be able to run code when loaded.
-
-    Raises:
-        CheckpointError: one line naming the file, and the class it refused if that is the reason.
-    """
-    try:
-        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = [line for line in str(error).splitlines() if "Unsupported global" in line]
-        reason = refused[0].strip().split(". ")[0] if refused else (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"cannot read {path} weights-only: {reason}; only tensors, plain containers and argparse.Namespace are "
-            "allowed, so that loading cannot run code"
-        ) from None
-    except Exception as error:  # torch raises many types for files that are not checkpoints
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only torch file: {type(error).__name__}: {first}"
-        ) from None
 
 
 def _heads_of_args(args: object, source: str) -> int | None:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from delinea.models.losses import bce_dice_loss
+
 GiB = 2**30
 #: The parts whose activations autograd keeps (the frozen VAE encoder runs without gradients, before them).
 PARTS = ("base", "control", "decoder")
@@ -153,8 +155,6 @@ def profile_model(
     """Profile each part of a :class:`~delinea.models.MedDelinea` at ``resolution`` and ``dtype`` autocast (one
     base block, one control block with its zero Linear, the decoder with the head and L_seg; the encoder keeps
     nothing). Costs about the activations of one micro-batch of 3 samples of each part."""
-    from delinea.tasks.base import bce_dice_loss  # the loss of L_seg (tasks import models, not the reverse)
-
     device = next(model.parameters()).device
     dit, control = model.dit, model.control
     f, p = model.vae.downsampling, dit.patch_size

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from delinea.labels import PALETTE, mask_to_rgb
-from delinea.models.dit import load_weights, read_weights
+from delinea.models.weights import load_weights, read_weights
 
 # AutoencoderKL sizes: (block_out_channels, layers_per_block, norm_num_groups). ``sd`` is the Stable Diffusion
 # VAE (f=8) that sd-vae-ft-ema uses; ``tiny`` (f=2) is for tests.

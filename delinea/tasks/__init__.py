@@ -1,4 +1,5 @@
-"""Lightning tasks: they build the networks of ``delinea.models``, freeze them by flags and train them."""
+"""Lightning tasks: they build the networks of ``delinea.models``, freeze them by flags and train them; the table of
+tasks a checkpoint may name, beside the checkpoint reading of :mod:`delinea.tasks.checkpoints`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from delinea.errors import CheckpointError
-from delinea.tasks.base import SegmentationTask, read_checkpoint
+from delinea.tasks.base import SegmentationTask
+from delinea.tasks.checkpoints import read_checkpoint, saved_hparams
+from delinea.tasks.export import RUN_KEYS
 from delinea.tasks.meddelinea import MedDelineaTask
 from delinea.tasks.unet import UNetTask
 
@@ -29,16 +32,33 @@ def checkpoint_task(checkpoint: dict[str, Any], source: str | Path) -> type[Segm
     return TASKS[name]
 
 
-def load_task(path: str | Path, map_location: str | Any = "cpu", **overrides: Any) -> SegmentationTask:
-    """A trained task from a checkpoint or a model folder, read weights-only and built from its hyperparameters
-    (``overrides`` replace some, e.g. ``sampling_steps=10``), in eval mode."""
-    from delinea.tasks.export import load_into
+def task_from_checkpoint(
+    checkpoint: dict[str, Any], source: str | Path, inference: bool = False, **overrides: Any
+) -> SegmentationTask:
+    """The task a checkpoint (or model folder) already read names, built from its hyperparameters (``overrides``
+    replace some, e.g. ``sampling_steps=10``; ``inference`` drops the training-only ``init_from`` and
+    ``latent_cache``) and holding its weights and plan."""
+    hparams = {k: v for k, v in saved_hparams(checkpoint).items() if not (inference and k in RUN_KEYS)}
+    task = checkpoint_task(checkpoint, source)(**{**hparams, **overrides})
+    return task.restore(checkpoint)
 
-    checkpoint = read_checkpoint(path)
-    cls = checkpoint_task(checkpoint, path)
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    task = load_into(cls(**{**hparams, **overrides}), checkpoint)
+
+def load_task(
+    path: str | Path, map_location: str | Any = "cpu", inference: bool = False, **overrides: Any
+) -> SegmentationTask:
+    """A trained task from a checkpoint or a model folder, read once and weights-only, built from its
+    hyperparameters (see :func:`task_from_checkpoint`), in eval mode."""
+    task = task_from_checkpoint(read_checkpoint(path), path, inference, **overrides)
     return task.to(map_location).eval()
 
 
-__all__ = ["TASKS", "MedDelineaTask", "SegmentationTask", "UNetTask", "checkpoint_task", "load_task"]
+__all__ = [
+    "TASKS",
+    "MedDelineaTask",
+    "SegmentationTask",
+    "UNetTask",
+    "checkpoint_task",
+    "load_task",
+    "read_checkpoint",
+    "task_from_checkpoint",
+]

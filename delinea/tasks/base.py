@@ -1,157 +1,59 @@
-"""The shared base of delinea's Lightning tasks: optimiser and schedule, the plan, sliding-window inference, and the
-3D validation, test and predict loops (whose files the callbacks of :mod:`delinea.callbacks` write)."""
+"""The shared base of delinea's segmentation tasks: the plan they train at, the training and validation steps, and
+the hooks through which a :class:`~delinea.Segmenter` segments whole cases in validation, test and predict (whose
+files the callbacks of :mod:`delinea.callbacks` write)."""
 
 from __future__ import annotations
 
-import math
-import pickle
-import time
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Timer
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
-from timm.utils import ModelEmaV3
-from torch import nn
 
-from delinea.datamodules.plan import IMAGE_FILL, Plan, Region, crop_window, lattice_padding, tile_offsets
-from delinea.errors import CheckpointError, NonFiniteLossError, OptionError
-from delinea.evaluation import case_metrics, case_rows, gather_rows, summarize
-from delinea.labels import FOREGROUND, NUM_CLASSES
-from delinea.tasks.volumes import PredictedCase, VolumeAssembler
-
-_DICE = DiceLoss(sigmoid=True, reduction="none")
+from delinea.datamodules.batches import EvalBatch, PredictBatch, SliceData, TrainBatch, WindowBatch, give_plan
+from delinea.errors import CheckpointError, OptionError
+from delinea.evaluation import Row, case_metrics, case_rows, gather_rows, summarize
+from delinea.geometry import IMAGE_FILL, Plan, covering_window, tile_windows
+from delinea.io import Geometry
+from delinea.labels import FOREGROUND
+from delinea.tasks.checkpoints import read_checkpoint
+from delinea.tasks.optim import adamw_with_schedule, check_finite, check_schedule
+from delinea.tasks.seeding import SeededSteps
+from delinea.volumes import PredictedCase
 
 
-def bce_dice_loss(logits: torch.Tensor, mask: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-    """L_seg: per-class sigmoid BCE + Dice (MONAI), averaged over the classes each slice's dataset labels.
+class CaseSegmenter(Protocol):
+    """What segments whole cases for a task (a :class:`delinea.Segmenter`, which attaches itself)."""
 
-    Args:
-        logits: (N, C, H, W) class logits.
-        mask: (N, H, W) unified ids.
-        labelled: (N, C) bool; unlabelled classes (single-organ datasets) contribute nothing.
-    """
-    target = F.one_hot(mask.long(), NUM_CLASSES).permute(0, 3, 1, 2).to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))  # (N, C)
-    dice = _DICE(logits, target).flatten(1)  # (N, C)
-    weight = labelled.to(logits.dtype)
-    return ((bce + dice) * weight).sum() / weight.sum().clamp_min(1.0)
+    @property
+    def plan(self) -> Plan | None:
+        """The plan evaluation batches are served at (the model's, with any explicit windows)."""
+        ...
 
+    def start(self, geometry_of: Callable[[str], Geometry]) -> None:
+        """Begin a pass over cases whose grids ``geometry_of`` gives."""
+        ...
 
-def adamw_with_schedule(task: LightningModule, anneal_seconds: float | None = None) -> dict[str, Any]:
-    """AdamW over a task's trainable parameters only, with a per-step warm-up and decay schedule.
+    def add(self, batch: PredictBatch) -> list[PredictedCase]:
+        """Segment a batch of whole slices; the cases it completed."""
+        ...
 
-    Reads ``lr``, ``weight_decay``, ``lr_schedule`` (``cosine``/``linear`` decay to zero over the run, or
-    ``constant``) and ``warmup_steps`` from the task's hyperparameters. The run's length is its optimiser steps
-    or, when the Trainer has a ``max_time`` (or ``anneal_seconds`` is given), its training wall time: the decay's
-    progress is the larger of the two shares, so a run stopped by ``max_time`` still ends annealed (on a busy
-    machine, at the cost of a schedule that depends on its speed). Resumed runs keep their elapsed time.
-    """
-    hp = task.hparams
-    trainable = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
-    trainer = task._trainer
-    total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if trainer is not None else None
-    started = time.monotonic()
-    warmup, kind = hp.warmup_steps, hp.lr_schedule
-
-    def time_share() -> float:
-        elapsed = timer.time_elapsed("train") if timer is not None else time.monotonic() - started
-        remaining = timer.time_remaining("train") if timer is not None else None
-        seconds = anneal_seconds or (elapsed + remaining if remaining is not None else None)
-        return min(1.0, elapsed / seconds) if seconds else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = max(min(1.0, (step - warmup) / max(1, total - warmup)), time_share())
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 - progress if kind == "linear" else 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def check_finite(loss: torch.Tensor, batch: dict[str, Any], step: int) -> None:
-    """Stop training at a NaN or infinite loss, naming the batch's cases, before it reaches the weights.
-
-    Raises:
-        NonFiniteLossError: the loss is not finite.
-    """
-    loss = loss.detach()
-    if bool(torch.isfinite(loss)):
-        return
-    cases = sorted(set(batch.get("case_id", [])))
-    slices = batch["slice_index"].tolist() if torch.is_tensor(batch.get("slice_index")) else []
-    raise NonFiniteLossError(
-        f"training loss is {loss.item()} at step {step} on cases {cases[:8]} (slices {slices[:8]}); stopped before "
-        "the weights take it: check those files for extreme values, or lower lr"
-    )
-
-
-def check_schedule(lr: float, warmup_steps: int, lr_schedule: str) -> None:
-    """Raise an OptionError naming the value unless the optimiser settings can work."""
-    if lr_schedule not in ("cosine", "linear", "constant"):
-        raise OptionError(f"lr_schedule {lr_schedule!r} must be 'cosine', 'linear' or 'constant'")
-    if not lr > 0 or warmup_steps < 0:
-        raise OptionError(f"lr ({lr}) must be positive and warmup_steps ({warmup_steps}) non-negative")
-
-
-def moving_average(module: nn.Module, decay: float) -> ModelEmaV3:
-    """timm's EMA of a module's weights, kept out of the optimiser (its copy needs no gradients)."""
-    ema = ModelEmaV3(module, decay=decay)
-    ema.module.requires_grad_(False)
-    return ema
-
-
-class SeededSteps:
-    """Training randomness (noise, timesteps, synthetic masks) drawn per micro-batch from a generator seeded by the
-    run's seed and the batch's sample seeds (the ``seed`` the loader gives each sample). A run resumed from a
-    checkpoint restores the loader's position, so it draws exactly what the uninterrupted run would, on any number
-    of ranks, with no generator state to save: only the run's seed, which checkpoints carry."""
-
-    #: The run's seed: ``torch.initial_seed()`` when a fresh fit starts (``seed_everything``'s value).
-    training_seed: int = 0
-
-    def step_generator(self, batch: dict[str, Any]) -> torch.Generator | None:
-        """The generator of a training batch's randomness; None (the global generator) for batches without
-        sample seeds."""
-        seeds = batch.get("seed")
-        if not torch.is_tensor(seeds):
-            return None
-        entropy = [int(self.training_seed), *(int(s) for s in seeds.tolist())]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-        return torch.Generator(seeds.device).manual_seed(seed)
-
-    def start_seeds(self, resuming: bool) -> None:
-        """Take the run's seed when a fit starts (a resumed fit keeps its checkpoint's)."""
-        if not resuming:
-            self.training_seed = torch.initial_seed()
-
-    def save_seed(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["delinea_training_seed"] = int(self.training_seed)
-
-    def load_seed(self, checkpoint: dict[str, Any]) -> None:
-        self.training_seed = int(checkpoint.get("delinea_training_seed", 0))
+    def finish(self) -> None:
+        """End the pass; an error if a case is missing slices."""
+        ...
 
 
 class SegmentationTask(SeededSteps, LightningModule):
     """A slice segmentation task: subclasses build their networks in :meth:`configure_models` and implement
     :meth:`losses` (training), :meth:`predict_probabilities` (inference on windows) and :attr:`size_multiple`.
 
-    The task carries its **plan** (:class:`~delinea.datamodules.plan.Plan`: the spacing and windows it was trained
-    at) in its checkpoints; fitting takes it from the datamodule (or ``init_from``), and validation, test and
-    predict resample every scan to it. Whole resampled slices are covered by overlapping windows with Gaussian
-    blending (:meth:`predict_slices`), and each case's probabilities are resampled back to its own grid before
-    the argmax.
+    The task carries its **plan** (:class:`~delinea.geometry.Plan`: the spacing and windows it was trained at) in
+    its checkpoints. Fitting resolves it (:func:`~delinea.geometry.resolve_plan`: the datamodule's options, the
+    parent's or the resumed run's plan) and gives it to the datamodule. Whole cases are segmented by the
+    :class:`~delinea.Segmenter` that runs the task (:attr:`segmenter`): it resamples every scan to the plan, covers
+    the slices with windows, blends them and stacks the probabilities back on each scan's grid; the task scores
+    and logs the cases.
 
     Args:
         lr: AdamW learning rate.
@@ -181,9 +83,12 @@ class SegmentationTask(SeededSteps, LightningModule):
         self.configure_models()
         #: The geometry the model works at; set when fitting starts, carried by checkpoints.
         self.plan: Plan | None = None
-        #: Windows per forward pass when sliding over slices.
-        self.window_batch_size = 8
+        #: What segments whole cases in validation (``val_metrics``), test and predict: the
+        #: :class:`~delinea.Segmenter` running this task sets itself here (the delinea command makes one).
+        self.segmenter: CaseSegmenter | None = None
         self._parent: tuple[Plan | None] | None = None  # init_from's plan, once loaded
+        self._rows: list[Row] = []
+        self._micro_weights: dict[int, float] | None = None
 
     # -- what a task defines -------------------------------------------------------------------------------
 
@@ -196,7 +101,7 @@ class SegmentationTask(SeededSteps, LightningModule):
         """Window sides must be multiples of this."""
         raise NotImplementedError
 
-    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: WindowBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Training losses of a batch of windows; ``loss`` is the one optimised."""
         raise NotImplementedError
 
@@ -240,14 +145,47 @@ class SegmentationTask(SeededSteps, LightningModule):
         plan = checkpoint.get("delinea_plan")
         self.plan = Plan.from_dict(plan, "the checkpoint's delinea_plan") if plan is not None else None
 
+    def frozen_keys(self) -> set[str]:
+        """State-dict keys of frozen weights that checkpoints may leave out (loaded from their own files)."""
+        return set()
+
+    def check_fits(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Refuse a checkpoint whose weights do not fit this model (built from the options), naming the options
+        that differ from the ones it was trained with.
+
+        Raises:
+            CheckpointError: a weight's shape differs, or the checkpoint lacks or adds trainable weights.
+        """
+        state, own = checkpoint.get("state_dict", {}), self.state_dict()
+        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        wrong += [k for k in state if k not in own] + [k for k in own if k not in state and k not in self.frozen_keys()]
+        if not wrong:
+            return
+        saved = checkpoint.get("hyper_parameters", {})
+        differ = [f"{k}={self.hparams[k]!r} (checkpoint: {saved[k]!r})" for k in saved
+                  if k in self.hparams and saved[k] != self.hparams[k]]  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model the options build ({len(wrong)} weights differ, e.g. "
+            f"{wrong[0]})" + (f"; options that differ from the checkpoint's: {', '.join(differ)}" if differ else "")
+        )
+
+    def restore(self, checkpoint: dict[str, Any]) -> SegmentationTask:
+        """Load a checkpoint (or model folder) already read into this task built from its hyperparameters, as
+        Lightning would (:meth:`on_load_checkpoint`, then the weights)."""
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+        return self
+
     def on_fit_start(self) -> None:
-        """Fine-tuning starts from ``init_from`` (unless resuming this run), then the plan is settled: the
-        datamodule's explicit one, else the parent's (or the resumed run's), else the datamodule's own."""
+        """Fine-tuning starts from ``init_from`` (unless resuming this run), then the plan is resolved
+        (:func:`~delinea.geometry.resolve_plan`: the datamodule's explicit one, else the parent's or the resumed
+        run's, else the datamodule's own) and given to the datamodule."""
         resuming = self.trainer.ckpt_path is not None
         self.start_seeds(resuming)
-        inherited = self.plan if resuming else self.start_from_parent()
-        datamodule = self.trainer.datamodule
-        plan = datamodule.plan_for(inherited, "fit") if hasattr(datamodule, "plan_for") else inherited
+        plan = self.plan if resuming else self.start_from_parent()
+        data = self._data()
+        if data is not None:
+            plan = give_plan(data, plan, "fit")
         if plan is not None:
             self.set_plan(plan)
             self.print(f"delinea: plan {plan.describe()}")
@@ -265,86 +203,23 @@ class SegmentationTask(SeededSteps, LightningModule):
             self._parent = (Plan.from_dict(plan, f"init_from {path}") if plan is not None else None,)
         return self._parent[0]
 
-    @property
-    def inference_window(self) -> int | None:
-        """The sliding window: the datamodule's plan (the model's, or an explicit window), else the model's."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        plan = getattr(datamodule, "plan", None) or self.plan
-        return plan.inference_window if isinstance(plan, Plan) else None
+    def _data(self) -> SliceData | None:
+        """The trainer's datamodule, if it is a delinea one (with cases, a plan and micro-batches)."""
+        trainer = self._trainer
+        data = trainer.datamodule if trainer is not None else None
+        return data if isinstance(data, SliceData) else None
 
-    def _check_inference_window(self) -> None:
-        window = self.inference_window
-        if window is not None:
-            self.check_window(window, "inference window (the plan's, or --data.resolution)")
-
-    # -- inference on whole slices -------------------------------------------------------------------------
-
-    def predict_slices(
-        self, image: torch.Tensor, region: Region | torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities (N, C, H, W) and uncertainty (N, H, W) of whole slices (N, 1, H, W) of any size.
-
-        Windows of the plan's inference size (without a plan: one window covering the slice) with
-        ``window_overlap``, Gaussian-weighted blending of probabilities and uncertainty (MONAI's
-        ``sliding_window_inference``). Given the slices' lattice ``region`` (what evaluation batches carry), an axis
-        no longer than a window is centred in one, and a longer one is padded with background so that windows sit
-        at multiples of their stride on the plan's lattice; each window's randomness is seeded by its place there.
-        The same anatomy in another scan is then covered by the same windows and gets the same prediction.
-        """
-        window = self.inference_window
-        if window is None:
-            window = -(-max(image.shape[-2:]) // self.size_multiple) * self.size_multiple
-        overlap = self.hparams.get("window_overlap", 0.5)
-        stride = max(1, int(window * (1 - overlap)))  # MONAI's window interval
-        height, width = image.shape[-2:]
-        if region is None:
-            start, pad = (0, 0), (0, 0, 0, 0)
-        else:
-            region = region if isinstance(region, Region) else Region.from_tensor(region)
-            rows, cols = (
-                lattice_padding(region.x0, height, window, stride),
-                lattice_padding(region.y0, width, window, stride),
+    def _segmenter(self) -> CaseSegmenter:
+        if self.segmenter is None:
+            raise OptionError(
+                f"{type(self).__name__} segments whole cases through a delinea.Segmenter: attach one with "
+                "delinea.Segmenter(task) before validating, testing or predicting (the delinea command does)"
             )
-            start, pad = (region.x0 - rows[0], region.y0 - cols[0]), (cols[0], cols[1], rows[0], rows[1])
-        padded = F.pad(image, pad, value=IMAGE_FILL)
-
-        def predictor(windows: torch.Tensor, places: list) -> torch.Tensor:
-            seeds = [hash((start[0] + place[2].start, start[1] + place[3].start)) % 2**31 for place in places]
-            probabilities, uncertainty = self.predict_probabilities(windows, seeds)
-            return torch.cat([probabilities.float(), uncertainty.float()[:, None]], 1)
-
-        out = sliding_window_inference(
-            padded, (window, window), self.window_batch_size, predictor, overlap=overlap, mode="gaussian",
-            sigma_scale=0.125, padding_mode="constant", cval=IMAGE_FILL, with_coord=True,
-        )  # fmt: skip
-        out = torch.as_tensor(out)[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width]
-        return out[:, :-1], out[:, -1]
-
-    def tile(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Non-overlapping inference-size windows covering every whole slice of an evaluation batch (padded
-        with background): the windows the validation losses are computed on, the same at every validation."""
-        image, mask = batch["image"], batch["mask"]
-        height, width = image.shape[-2:]
-        window = self.inference_window or -(-max(height, width) // self.size_multiple) * self.size_multiple
-        tiles = [(top, left) for top in tile_offsets(height, window) for left in tile_offsets(width, window)]
-        images = torch.stack([crop_window(image, y, x, window, IMAGE_FILL) for y, x in tiles], 1)  # (N, T, 1, W, W)
-        masks = torch.stack([crop_window(mask, y, x, window, 0) for y, x in tiles], 1)  # (N, T, W, W)
-        n = len(tiles)
-        return {
-            "image": images.flatten(0, 1), "mask": masks.flatten(0, 1),
-            "labelled": batch["labelled"].repeat_interleave(n, 0),
-            "case_id": [c for c in batch["case_id"] for _ in range(n)],
-            "slice_index": batch["slice_index"].repeat_interleave(n, 0),
-            "cache_key": [""] * (len(batch["case_id"]) * n),
-        }  # fmt: skip
+        return self.segmenter
 
     # -- training and validation ---------------------------------------------------------------------------
 
-    def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Validation losses of a batch of windows; by default the training losses without gradients."""
-        return self.losses(batch)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, generator=self.step_generator(batch))
         check_finite(losses["loss"], batch, self.global_step)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
@@ -354,20 +229,36 @@ class SegmentationTask(SeededSteps, LightningModule):
         """The loss weight of a training micro-batch of this window size: Lightning averages the losses of an
         optimiser step's micro-batches, so with micro-batches of different sizes (the datamodule's
         ``micro_batch_size``) each is weighted by its size over their mean, and every sample weighs the same."""
-        if getattr(self, "_micro_weights", None) is None:
-            trainer = self._trainer
-            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-            micro_batch_plan = getattr(datamodule, "micro_batch_plan", None)
-            plan = micro_batch_plan(trainer.accumulate_grad_batches) if micro_batch_plan is not None else None
+        if self._micro_weights is None:
+            data = self._data()
+            plan = data.micro_batch_plan(self.trainer.accumulate_grad_batches) if data is not None else None
             self._micro_weights = plan[1] if plan is not None else {}
         return float(self._micro_weights.get(window, 1.0))
 
+    def tile(self, batch: EvalBatch) -> WindowBatch:
+        """Non-overlapping inference-size windows covering every whole slice of an evaluation batch (padded with
+        background): the windows the validation losses are computed on, the same at every validation."""
+        plan = self.segmenter.plan if self.segmenter is not None and self.segmenter.plan is not None else self.plan
+        height, width = batch["image"].shape[-2:]
+        window = plan.inference_window if plan is not None else covering_window(height, width, self.size_multiple)
+        images, masks, n = tile_windows(batch["image"], batch["mask"], window, IMAGE_FILL)
+        return {
+            "image": images, "mask": masks,
+            "labelled": batch["labelled"].repeat_interleave(n, 0),
+            "case_id": [c for c in batch["case_id"] for _ in range(n)],
+            "slice_index": batch["slice_index"].repeat_interleave(n, 0),
+            "cache_key": [""] * (len(batch["case_id"]) * n),
+        }  # fmt: skip
+
+    def validation_loss(self, batch: WindowBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Validation losses of a batch of windows; by default the training losses without gradients."""
+        return self.losses(batch)
+
     def on_validation_epoch_start(self) -> None:
-        self._check_inference_window()
         if self.hparams.get("val_metrics"):
             self._start_cases()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         windows = self.tile(batch)
         losses = self.validation_loss(windows, batch_idx)
         # sync_dist: every rank logs the same reduced value, so checkpoint monitors agree across ranks.
@@ -375,7 +266,7 @@ class SegmentationTask(SeededSteps, LightningModule):
             {f"val/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True, batch_size=len(windows["image"])
         )
         if self.hparams.get("val_metrics"):
-            self._segment(batch, evaluate=True)
+            self._score(self._segmenter().add(batch))
 
     def on_validation_epoch_end(self) -> None:
         if self.hparams.get("val_metrics"):
@@ -384,43 +275,32 @@ class SegmentationTask(SeededSteps, LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_schedule(self)
 
-    # -- test and predict: slices -> volumes on each case's grid -> metrics --------------------------------
+    # -- test and predict: the Segmenter's cases -> metrics ------------------------------------------------
 
     def _start_cases(self) -> None:
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "case_geometry"):
+        data = self._data()
+        if data is None:
             raise TypeError(
-                f"{type(self).__name__} segments whole cases: it needs a delinea datamodule (one that "
-                f"knows each case's geometry and label), got {type(datamodule).__name__}"
+                f"{type(self).__name__} segments whole cases: it needs a delinea datamodule (one that knows each "
+                f"case's geometry), got {type(self.trainer.datamodule).__name__}"
             )
-        self._volumes = VolumeAssembler(datamodule.case_geometry)
-        self._rows: list = []
+        self._segmenter().start(data.case_geometry)
+        self._rows = []
 
-    def _segment(self, batch: dict[str, Any], evaluate: bool) -> list[PredictedCase]:
-        """Predict a batch of whole slices and return the cases it completed (scored against their labels
-        when ``evaluate``)."""
-        region = batch["region"][0] if "region" in batch else None  # a batch is one case: one region
-        probabilities, uncertainty = self.predict_slices(batch["image"], region)
-        done = self._volumes.add(
-            batch["case_id"], batch["slice_index"], probabilities, uncertainty, batch.get("region"), batch.get("box")
-        )
-        if evaluate:
-            for case in done:
-                label, labelled = self.trainer.datamodule.load_label(case.case_id)
-                case.label = label
-                case.metrics = case_metrics(case.labels, label, case.geometry.spacing, labelled=labelled)
-                self._rows.extend(case_rows(case.case_id, case.metrics))
-        return done
+    def _score(self, cases: list[PredictedCase]) -> list[PredictedCase]:
+        """Score completed cases against the labels their batches carried."""
+        for case in cases:
+            if case.label is None:
+                raise RuntimeError(f"case {case.case_id!r} was evaluated without its label in the batches")
+            case.metrics = case_metrics(case.labels, case.label, case.geometry.spacing, labelled=case.labelled)
+            self._rows.extend(case_rows(case.case_id, case.metrics))
+        return cases
 
-    def _finish_cases(self) -> list:
-        missing = self._volumes.incomplete()
-        if missing:
-            raise RuntimeError(
-                f"cases {missing[:5]} did not receive all their slices; the loader must give every rank whole cases"
-            )
+    def _finish_cases(self) -> list[Row]:
+        self._segmenter().finish()
         return gather_rows(self._rows)  # every rank gets every case's rows, once
 
-    def _log_metrics(self, stage: str, rows: list) -> dict[str, Any]:
+    def _log_metrics(self, stage: str, rows: list[Row]) -> dict[str, Any]:
         summary = summarize(rows)
         for organ in FOREGROUND:
             value = summary["organs"].get(organ, {}).get("dice")
@@ -432,12 +312,11 @@ class SegmentationTask(SeededSteps, LightningModule):
         return summary
 
     def on_test_epoch_start(self) -> None:
-        self._check_inference_window()
         self._start_cases()
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[PredictedCase]:
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> list[PredictedCase]:
         """Segment a batch; returns the cases it completed, with their metrics (for the report callback)."""
-        return self._segment(batch, evaluate=True)
+        return self._score(self._segmenter().add(batch))
 
     def on_test_epoch_end(self) -> None:
         #: Every (case, organ) row of this test, gathered from every rank; and their summary.
@@ -445,46 +324,11 @@ class SegmentationTask(SeededSteps, LightningModule):
         self.test_summary = self._log_metrics("test", self.test_rows)
 
     def on_predict_epoch_start(self) -> None:
-        self._check_inference_window()
         self._start_cases()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[PredictedCase]:
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> list[PredictedCase]:
         """Segment a batch; returns the cases it completed (for the prediction writer)."""
-        return self._segment(batch, evaluate=False)
+        return self._segmenter().add(batch)
 
     def on_predict_epoch_end(self) -> None:
-        self._finish_cases()
-
-
-def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint read weights-only (no pickled code can run, whatever the environment says), memory-mapped
-    with ``mmap``, or a model folder (:mod:`delinea.tasks.export`).
-
-    Raises:
-        CheckpointError: one line naming ``what`` and the file, and what is wrong with it.
-    """
-    from delinea.tasks.export import is_model_folder, read_model_folder
-
-    path = Path(path)
-    if is_model_folder(path):
-        return read_model_folder(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r}: no such checkpoint file or model folder")
-    zipped = zipfile.is_zipfile(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
-    except Exception as error:  # torch raises many types for files that are not checkpoints
-        with open(path, "rb") as handle:
-            pickled = handle.read(1) == b"\x80"  # a pickle: torch.save's legacy format, or a plain pickle
-        if path.stat().st_size == 0:
-            reason = "the file is empty"
-        elif not zipped and not pickled:
-            reason = "not a file written by torch.save (neither a zip archive nor a pickle)"
-        elif isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
-            reason = "it holds objects other than tensors and plain values, which could run code: not loaded"
-        else:
-            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint: {reason}") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{what} {path} is not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
-    return checkpoint
+        self._segmenter().finish()

@@ -119,10 +119,3 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
             hparams[key] = str((folder / value).resolve())
     extras = {k: v for k, v in config.items() if k.startswith("delinea_")}
     return {"state_dict": state, "hyper_parameters": hparams, "delinea_task": config["task"], **extras}
-
-
-def load_into(task: LightningModule, checkpoint: dict[str, Any]) -> LightningModule:
-    """Load a checkpoint-like dict into a task built from its hyperparameters, as Lightning would."""
-    task.on_load_checkpoint(checkpoint)
-    task.load_state_dict(checkpoint["state_dict"])
-    return task

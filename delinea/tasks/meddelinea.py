@@ -13,18 +13,21 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from delinea.datamodules.batches import EvalBatch, WindowBatch
 from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
 from delinea.models.diffusion import make_sampler
 from delinea.models.dit import DIT_PRESETS
+from delinea.models.losses import bce_dice_loss
 from delinea.models.meddelinea import CHECKPOINT_PARTS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
 from delinea.models.memory import MemoryPlan, device_memory
 from delinea.models.memory import estimate as estimate_memory
 from delinea.models.vae import VAE_SIZES, MaskVAE
-from delinea.tasks.base import SegmentationTask, bce_dice_loss, moving_average
+from delinea.tasks.base import SegmentationTask
 from delinea.tasks.latent_cache import LatentCache
+from delinea.tasks.optim import moving_average
 
 
 class MedDelineaTask(SegmentationTask):
@@ -177,10 +180,10 @@ class MedDelineaTask(SegmentationTask):
     def memory_plans(self) -> list[MemoryPlan]:
         """Estimated peak memory of a training micro-batch at each training window (delinea.models.memory)."""
         trainer = self.trainer
-        datamodule = getattr(trainer, "datamodule", None)
+        data = self._data()
         windows = list(self.plan.window) if self.plan is not None else [self.hparams.image_size]
-        micro = getattr(datamodule, "micro_batch_size", None)
-        batch = int(getattr(datamodule, "batch_size", 1) or 1)
+        micro = data.micro_batch_size if data is not None else None
+        batch = data.batch_size if data is not None else 1
         plans = []
         for window in windows:
             size = micro.get(window, batch) if isinstance(micro, dict) else (micro or batch)
@@ -231,7 +234,7 @@ class MedDelineaTask(SegmentationTask):
         finally:
             self.trainable.load_state_dict(trained)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         with self.ema_weights():
             super().validation_step(batch, batch_idx)
 
@@ -250,7 +253,7 @@ class MedDelineaTask(SegmentationTask):
 
     # -- losses --------------------------------------------------------------------------------------------
 
-    def latents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and mask latents of a batch, from the latent cache where possible."""
         image, mask = batch["image"], batch["mask"]
         if self.latent_cache is None:
@@ -261,7 +264,7 @@ class MedDelineaTask(SegmentationTask):
         )
         return image_latent.to(image.device), mask_latent.to(image.device)  # all-hit batches come from disk
 
-    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: WindowBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The paper's losses for one batch: L_diff, L_seg and their weighted sum.
 
         With Z_o and Z_m0 the frozen VAE's image and mask latents, t a training timestep and ε Gaussian noise::
@@ -297,7 +300,7 @@ class MedDelineaTask(SegmentationTask):
 
     # -- steps ---------------------------------------------------------------------------------------------
 
-    def validation_loss(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_loss(self, batch: WindowBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         # Fixed noise and timesteps per batch, so validation losses of different epochs compare.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         return self.losses(batch, generator=generator)
@@ -330,6 +333,7 @@ class MedDelineaTask(SegmentationTask):
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def frozen_keys(self) -> set[str]:
+        """The frozen backbones' keys (the base DiT, the VAE and its RGB output layer)."""
         prefixes = ("model.dit.", "model.vae.vae.", "model.vae.rgb_out.")
         return {k for k in self.state_dict() if k.startswith(prefixes)}
 

@@ -29,14 +29,17 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from lightning.pytorch import LightningModule
 
-from delinea.datamodules.plan import IMAGE_FILL, crop_window
+from delinea.datamodules.batches import EvalBatch, TrainBatch, WindowBatch
 from delinea.errors import OptionError
 from delinea.evaluation import dice_from_counts, mean_dice, overlap_counts
+from delinea.geometry import IMAGE_FILL, crop_window
 from delinea.labels import NUM_CLASSES, PALETTE, mask_to_rgb, rgb_to_mask
 from delinea.models.diffusion import NoiseSchedule, null_class
-from delinea.models.dit import DIT_PRESETS, build_dit, check_square, load_weights, read_weights, save_dit
+from delinea.models.dit import DIT_PRESETS, build_dit, check_square, save_dit
 from delinea.models.vae import MaskVAE, load_vae, save_vae, vae_from_sizes
-from delinea.tasks.base import SeededSteps, adamw_with_schedule, check_finite, check_schedule, moving_average
+from delinea.models.weights import load_weights, read_weights
+from delinea.tasks.optim import adamw_with_schedule, check_finite, check_schedule, moving_average
+from delinea.tasks.seeding import SeededSteps
 
 
 def pad_to_multiple(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +213,7 @@ class VAEPretrainTask(BackbonePretrainTask):
         """The VAE's downsampling factor."""
         return 2 ** (len(self.hparams.block_out_channels) - 1)
 
-    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: WindowBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The loss terms of a batch; ``loss`` is their weighted sum."""
         hp = self.hparams
         image, mask = batch["image"], batch["mask"]
@@ -255,7 +258,7 @@ class VAEPretrainTask(BackbonePretrainTask):
         )
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, self.step_generator(batch))
         check_finite(losses["loss"], batch, self.global_step)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["image"]))
@@ -266,7 +269,7 @@ class VAEPretrainTask(BackbonePretrainTask):
         self._counts = np.zeros((3, NUM_CLASSES), dtype=np.int64)
 
     @torch.no_grad()
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         image, mask = pad_to_multiple(batch["image"], batch["mask"], self.downsampling)
         decoded = self.vae.decode(self.vae.encode(mask_to_rgb(mask).to(image.dtype)).latent_dist.mean).sample
         self._counts += overlap_counts(rgb_to_mask(decoded.float()).cpu().numpy(), mask.cpu().numpy())
@@ -387,7 +390,7 @@ class DiTPretrainTask(BackbonePretrainTask):
         pred = dit(self.schedule.add_noise(latent, noise, t), timestep=t, class_labels=labels).sample
         return F.mse_loss(pred[:, : latent.shape[1]].float(), noise)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         loss = self.epsilon_loss(self.dit, batch["mask"], self.hparams.noise_repeats, self.step_generator(batch))
         check_finite(loss, batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["mask"]))
@@ -398,7 +401,7 @@ class DiTPretrainTask(BackbonePretrainTask):
             self.ema.update(self.dit, step=self.global_step)
 
     @torch.no_grad()
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         # The centred image_size window of each whole slice: the DiT lays its tokens out on a square grid.
         size = self.hparams.image_size
         top, left = ((n - size) // 2 for n in batch["mask"].shape[-2:])

@@ -7,9 +7,11 @@ from typing import Any, Literal
 import torch
 from monai.networks.nets import UNet
 
+from delinea.datamodules.batches import WindowBatch
 from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
-from delinea.tasks.base import SegmentationTask, bce_dice_loss
+from delinea.models.losses import bce_dice_loss
+from delinea.tasks.base import SegmentationTask
 
 
 class UNetTask(SegmentationTask):
@@ -91,7 +93,7 @@ class UNetTask(SegmentationTask):
                 f"{self.size_multiple} (2 ** UNet levels)"
             )
 
-    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def losses(self, batch: WindowBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         self._check(batch["image"])
         loss = bce_dice_loss(self.model(batch["image"]).float(), batch["mask"], batch["labelled"])
         return {"loss": loss}

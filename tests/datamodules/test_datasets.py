@@ -18,12 +18,12 @@ from delinea.datamodules import (
     FolderDataModule,
     LabelledDataModule,
     PanSegDataModule,
-    Plan,
 )
 from delinea.datamodules.splits import default_split_path
+from delinea.geometry import Plan
 from delinea.labels import ORGAN_IDS, ORGANS
-from delinea.tasks.volumes import VolumeAssembler
 from delinea.testing.phantoms import Phantom
+from delinea.volumes import VolumeAssembler
 
 Layout = tuple[Path, dict[str, Phantom]]
 
@@ -296,12 +296,15 @@ def test_eval_loaders_are_case_by_case_in_slice_order(amos: Layout) -> None:
             assert len(set(batch["case_id"])) == 1
             seen += list(zip(batch["case_id"], batch["slice_index"].tolist()))
             onehot = torch.nn.functional.one_hot(batch["mask"], 9).permute(0, 3, 1, 2).float()
-            for case in assembler.add(
-                batch["case_id"], batch["slice_index"], onehot, onehot[:, 0], batch["region"], batch["box"]
-            ):
+            for case in assembler.add(batch, onehot, onehot[:, 0]):
+                # the batches carry the case's own label and image slices: stacked, they are the case read whole
+                whole = dm.load_case(case.case_id)
+                label = whole.label
+                np.testing.assert_array_equal(case.label, label)
+                np.testing.assert_array_equal(case.image, whole.image.astype(np.float16))
+                np.testing.assert_array_equal(case.labelled, whole.labelled)
                 # the served masks, stacked and resampled back to the case's own grid, give its label (up to the
                 # edges of these tiny phantoms' organs, some of them 3 pixels across)
-                label = dm.load_case(case.case_id).label
                 for organ in np.unique(label[label > 0]):
                     dice = (
                         2

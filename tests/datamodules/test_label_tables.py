@@ -51,8 +51,9 @@ def _write(name: str, root: Path) -> np.ndarray:
 )
 def test_documented_source_ids_become_the_unified_organs(name: str, cls: type, case: str, tmp_path: Path) -> None:
     expected = _write(name, tmp_path)
-    label, labelled = cls(root=str(tmp_path)).load_label(case)
-    assert labelled.all()
+    loaded = cls(root=str(tmp_path)).load_case(case)
+    label = loaded.label
+    assert loaded.labelled.all()
     for organ in FOREGROUND:
         assert (label == ORGAN_IDS[organ]).sum() == (expected == ORGAN_IDS[organ]).sum() > 0, organ
     np.testing.assert_array_equal(label, expected)  # the other structure's voxels are background

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from delinea.datamodules import DatasetError, Plan, ScanDataModule
-from delinea.datamodules.plan import Region
+from delinea.datamodules import DatasetError, PredictBatch, ScanDataModule
+from delinea.geometry import Plan, Region, resolve_plan
 from delinea.io import save_nifti
-from delinea.tasks.volumes import VolumeAssembler
 from delinea.testing.phantoms import make_phantom, write_dicom_series
+from delinea.volumes import VolumeAssembler
 
 
 def _write(path: Path, orientation: str = "LPS", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +31,7 @@ def test_single_file_predict_batches_and_load_case(tmp_path: Path) -> None:
     batches = list(dm.predict_dataloader())
     assert [len(b["case_id"]) for b in batches] == [4, 2]
     batch = batches[0]
-    assert set(batch) == {"image", "case_id", "slice_index", "cache_key", "region", "box", "seed"}
+    assert set(batch) == set(PredictBatch.__annotations__)  # the typed contract, exactly
     # whole slices at 0.8 mm: the body box (the phantom's whole 38.4 x 28 mm) + 10 mm a side, aspect kept
     rows, cols = Region.from_tensor(batch["region"][0]).size
     assert abs(rows * 0.8 - 58.4) <= 1.6 and abs(cols * 0.8 - 48.0) <= 1.6
@@ -53,9 +53,7 @@ def test_folder_of_scans_and_prediction_written_on_the_input_grid(tmp_path: Path
     for batch in dm.predict_dataloader():
         bright = (batch["image"] > 0).float()  # a "prediction": class 1 where the image is bright
         probabilities = torch.cat([1 - bright, bright], 1)
-        for case in assembler.add(
-            batch["case_id"], batch["slice_index"], probabilities, bright[:, 0], batch["region"], batch["box"]
-        ):
+        for case in assembler.add(batch, probabilities, bright[:, 0]):
             done[case.case_id] = case
     assert list(done) == ["a", "b"] and not assembler.incomplete()
     for case_id, predicted in done.items():
@@ -136,9 +134,9 @@ def test_without_a_model_plan_the_scan_needs_a_spacing(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no model plan and no training cases to plan a spacing from"):
         ScanDataModule(str(tmp_path / "scan.nii.gz")).predict_dataloader()
     dm = ScanDataModule(str(tmp_path / "scan.nii.gz"), spacing=1.6)
-    assert dm.plan_for(None, "predict") == Plan.uniform(1.6, 256)
+    assert resolve_plan(None, "predict", dm.plan_request()).plan == Plan.uniform(1.6, 256)
     # a checkpoint's plan wins; an explicit spacing that contradicts it is refused, naming both
     model = Plan({"ct": 3.0}, (64,))
-    assert ScanDataModule(str(tmp_path / "scan.nii.gz")).plan_for(model, "predict") == model
+    assert resolve_plan(model, "predict", ScanDataModule(str(tmp_path / "scan.nii.gz")).plan_request()).plan == model
     with pytest.raises(DatasetError, match=r"spacing=1\.6 .* disagrees with the model's plan \(ct 3 mm"):
-        dm.plan_for(model, "predict")
+        resolve_plan(model, "predict", dm.plan_request())

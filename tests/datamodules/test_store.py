@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from delinea.datamodules import BTCVDataModule, FolderDataModule
-from delinea.datamodules.plan import IMAGE_FILL, crop_window, window_offsets
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.utils import LabelSpec
+from delinea.geometry import IMAGE_FILL, crop_window, window_offsets
 from delinea.io import DatasetError
 from delinea.main import main
 from delinea.preprocess import preprocess
