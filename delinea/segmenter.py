@@ -40,6 +40,10 @@ from delinea.labels import NUM_CLASSES, ORGANS
 from delinea.tasks import SegmentationTask, load_task
 from delinea.volumes import PredictedCase, VolumeAssembler
 
+#: What :meth:`Segmenter.predict` segments: a volume as an array or a tensor.
+ArrayLike = np.ndarray | torch.Tensor
+#: A scan's modality: ``auto`` is CT if the scan holds values below -500.
+Modality = Literal["ct", "mr", "auto"]
 #: The case id an array given to :meth:`Segmenter.predict` goes by.
 ARRAY_CASE = "array"
 
@@ -198,28 +202,15 @@ class Segmenter:
 
     @overload
     def predict(
-        self,
-        volume: np.ndarray | torch.Tensor,
-        affine: np.ndarray,
-        modality: Literal["ct", "mr", "auto"] = ...,
-        probabilities: Literal[False] = ...,
+        self, volume: ArrayLike, affine: np.ndarray, modality: Modality = ..., probabilities: Literal[False] = ...
     ) -> np.ndarray: ...
-
     @overload
     def predict(
-        self,
-        volume: np.ndarray | torch.Tensor,
-        affine: np.ndarray,
-        modality: Literal["ct", "mr", "auto"] = ...,
-        probabilities: Literal[True] = ...,
+        self, volume: ArrayLike, affine: np.ndarray, modality: Modality = ..., *, probabilities: Literal[True]
     ) -> Prediction: ...
 
     def predict(
-        self,
-        volume: np.ndarray | torch.Tensor,
-        affine: np.ndarray,
-        modality: Literal["ct", "mr", "auto"] = "ct",
-        probabilities: bool = False,
+        self, volume: ArrayLike, affine: np.ndarray, modality: Modality = "ct", probabilities: bool = False
     ) -> np.ndarray | Prediction:
         """Segment a volume in memory, exactly as :meth:`predict_files` segments the same data read from a file.
 
@@ -263,7 +254,7 @@ class Segmenter:
         self,
         inputs: str | Path | Sequence[str | Path],
         output_dir: str | Path,
-        modality: Literal["ct", "mr", "auto"] = "ct",
+        modality: Modality = "ct",
         overwrite: bool = False,
         save_uncertainty: bool = False,
         num_workers: int = 0,

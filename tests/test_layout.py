@@ -40,15 +40,13 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 def imports(name: str) -> set[str]:
     """The delinea modules a module imports, anywhere in it (``from package import submodule`` is the submodule)."""
     tree = ast.parse(MODULES[name].read_text())
-    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{name}: a relative import; delinea imports by absolute name"
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
     return {m for m in found if m in MODULES and m != name}
@@ -75,7 +73,9 @@ def test_the_layers_name_the_rules() -> None:
     # models import nothing above them; datamodules never import tasks; the library never imports demo or testing
     assert layer("delinea.models.dit") < layer("delinea.datamodules.base") < layer("delinea.tasks.base")
     assert layer("delinea.segmenter") < layer("delinea.demo.run") == layer("delinea.testing.phantoms")
-    assert all(layer(m) < layer("delinea.demo") for m in LIBRARY if not m.startswith(("delinea.demo", "delinea.testing")))
+    assert all(
+        layer(m) < layer("delinea.demo") for m in LIBRARY if not m.startswith(("delinea.demo", "delinea.testing"))
+    )
 
 
 def test_no_import_cycles() -> None:
