@@ -16,12 +16,15 @@ from delinea.datamodules import DatasetError, FolderDataModule
 from delinea.geometry import (
     Axes,
     Plan,
+    PlanRequest,
     Region,
+    SlidingLayout,
     crop_window,
     from_lattice,
     lattice_padding,
     mask_to_lattice,
     offset_range,
+    resolve_plan,
     tile_offsets,
     to_lattice,
     window_offsets,
@@ -114,6 +117,40 @@ def test_windows_cover_and_pad() -> None:
     patch = crop_window(image, -1, 2, 4, -1.0)
     assert patch.shape == (1, 4, 4) and patch[0, 0].tolist() == [-1.0] * 4
     assert patch[0, 1].tolist() == [2.0, 3.0, -1.0, -1.0]
+
+
+def test_the_plan_is_resolved_in_one_pure_function(tmp_path: Path) -> None:
+    """Fitting: explicit > the model's (parent, resumed) > the file beside the split > the cases' median (to be
+    written there); evaluating: the model's, with explicit windows, and a spacing that disagrees is refused."""
+    model = Plan({"ct": 3.0}, (64,), "parent")
+    spacings = {"ct": [0.8, 0.8, 1.0, 1.0, 1.6, 1.6]}
+    beside = tmp_path / "split.plan.json"
+    request = PlanRequest("d", default_plan_file=beside, case_spacings=lambda: spacings)
+    assert resolve_plan(None, "fit", request) == (Plan({"ct": 1.0}, (256,)), beside)  # the median, to be written
+    assert not beside.exists()  # the function decides; the caller writes
+    Plan({"ct": 2.0}, (32,)).save(beside)
+    assert resolve_plan(None, "fit", request).plan == Plan({"ct": 2.0}, (32,))  # the file beside the split
+    assert resolve_plan(model, "fit", request).plan == model  # a parent's geometry is kept when fine-tuning
+    explicit = PlanRequest("d", spacing=1.5, resolutions=(128,), case_spacings=lambda: spacings)
+    assert resolve_plan(model, "fit", explicit).plan == Plan.uniform(1.5, 128)  # explicit options win when fitting
+    windows = PlanRequest("d", resolutions=(32, 64))
+    assert resolve_plan(model, "test", windows).plan == Plan({"ct": 3.0}, (32, 64))  # the model's, other windows
+    with pytest.raises(DatasetError, match=r"d: spacing=1\.5 .* disagrees with the model's plan \(ct 3 mm"):
+        resolve_plan(model, "test", explicit)
+    with pytest.raises(DatasetError, match="d: no model plan and no training cases to plan a spacing from"):
+        resolve_plan(None, "predict", PlanRequest("d"))
+    with pytest.warns(UserWarning, match="d: the model carries no plan; evaluating at ct 1 mm"):
+        resolve_plan(None, "test", PlanRequest("d", case_spacings=lambda: spacings))
+
+
+def test_sliding_windows_sit_on_the_lattice() -> None:
+    # a 70-pixel axis from lattice pixel 37 with 32-pixel windows, stride 16: padded to start at 32 (a multiple of
+    # the stride) and to hold 32 + 16 k pixels; a 20-pixel axis is centred in one window
+    layout = SlidingLayout.of(37, 5, 70, 20, 32, 16)
+    assert layout.start == (32, 5 - 6) and layout.pad == (6, 6, 5, 5)
+    assert (layout.pad[2] + 70 + layout.pad[3] - 32) % 16 == 0
+    assert layout.seed(16, 0) == SlidingLayout.of(53, 5, 54, 20, 32, 16).seed(0, 0)  # same place, same noise
+    assert SlidingLayout.of(None, None, 70, 20, 32, 16) == SlidingLayout((0, 0), (0, 0, 0, 0))
 
 
 def test_non_square_fields_of_view_are_not_stretched(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from delinea.datamodules import (
     LabelledDataModule,
     PanSegDataModule,
 )
+from delinea.datamodules.batches import EvalBatch, TrainBatch
 from delinea.datamodules.splits import default_split_path
 from delinea.geometry import Plan
 from delinea.labels import ORGAN_IDS, ORGANS
@@ -261,6 +262,12 @@ def test_batches_follow_the_contract(btcv: Layout) -> None:
             assert all(isinstance(c, str) for c in batch["case_id"])
             assert keys is train_keys or len(set(batch["case_id"])) == 1
             assert all(len(k) == 40 for k in batch["cache_key"])
+            # exactly the keys of the stage's TypedDict: the contract mypy checks the tasks against is the true one
+            assert set(batch) == set((TrainBatch if keys is train_keys else EvalBatch).__annotations__)
+            if keys is val_keys:  # the slices on the scan's own grid, for 3D scores and figures
+                x, y = dm.case_geometry(batch["case_id"][0]).canonical_shape[:2]
+                assert batch["native_label"].shape == (b, x, y) and batch["native_label"].dtype == torch.uint8
+                assert batch["native_image"].shape == (b, x, y) and batch["native_image"].dtype == torch.float32
             keys.update(batch["cache_key"])
     assert len(val_keys) == 6 * len(dm.val_cases())  # one key per whole slice
     assert len(train_keys) == 6 * len(dm.train_cases())  # one window per slice per epoch, each its own key
