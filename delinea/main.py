@@ -26,49 +26,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 import delinea
 from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
+from delinea.cli import CKPT_NAMES, DATA_ALIASES, USER_ERRORS, CLIError, option_value, report, take_option, user_message
 from delinea.datamodules import DATAMODULES, MedSegDataModule, SliceData
-from delinea.errors import UserError
+from delinea.preprocess import main as preprocess
 from delinea.segmenter import Segmenter
 from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
 from delinea.tasks.checkpoints import read_checkpoint, saved_hparams
 from delinea.tasks.export import is_model_folder
-
-#: Names accepted by ``--data`` (case-insensitive), besides the class names.
-DATA_ALIASES: dict[str, str] = {name: cls.__name__ for name, cls in DATAMODULES.items()} | {
-    "atlas": "Atlas8kDataModule", "atlas-8k": "Atlas8kDataModule", "abdomenatlas": "Atlas8kDataModule",
-    "cirrmri600+": "CirrMRI600DataModule", "cirrmri": "CirrMRI600DataModule", "pansegdata": "PanSegDataModule",
-}  # fmt: skip
-CKPT_NAMES = ("--ckpt_path", "--ckpt")
-
-
-class CLIError(UserError):
-    """A command-line error reported as one line with exit code 2."""
-
-
-def _take(argv: list[str], names: tuple[str, ...]) -> str | None:
-    """Remove every ``--name value`` / ``--name=value`` of ``names`` from argv; the last value, or None."""
-    value, i = None, 0
-    while i < len(argv):
-        name, eq, inline = argv[i].partition("=")
-        if name in names:
-            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            del argv[i : i + (1 if eq else 2)]
-            continue
-        i += 1
-    return value
-
-
-def _value(argv: list[str], name: str, replace: str | None = None) -> str | None:
-    """The last value of ``--name`` in argv, replaced in place by ``replace`` if given."""
-    value, where = None, None
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            value, where = argv[i + 1], (i + 1, False)
-        elif arg.startswith(name + "="):
-            value, where = arg.split("=", 1)[1], (i, True)
-    if replace is not None and where is not None:
-        argv[where[0]] = f"{name}={replace}" if where[1] else replace
-    return value
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path:
@@ -177,14 +141,14 @@ class DelineaCLI(OneLineErrorsCLI):
         """Resolve ``--data`` names; take the checkpoint out of argv (this CLI hands it to the trainer) and put its
         task and hyperparameters first, as defaults that the user's options override."""
         self.checkpoint_task: str | None = None
-        data = _value(argv, "--data")
+        data = option_value(argv, "--data")
         if data is not None and data.lower() in DATA_ALIASES:
-            _value(argv, "--data", replace=DATA_ALIASES[data.lower()])
+            option_value(argv, "--data", replace=DATA_ALIASES[data.lower()])
         elif data is not None and data not in DATA_ALIASES.values() and "." not in data:
             raise CLIError(f"unknown dataset {data!r}; choose one of {', '.join(DATAMODULES)}")
         if not argv or argv[0] not in self.subcommands():
             return argv
-        checkpoint = _take(argv, CKPT_NAMES)
+        checkpoint = take_option(argv, CKPT_NAMES)
         if checkpoint in (None, "null", "None"):
             return argv
         if checkpoint == "last" and argv[0] == "fit":
@@ -204,7 +168,7 @@ class DelineaCLI(OneLineErrorsCLI):
             raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
         self.checkpoint_task = checkpoint_task(self.checkpoint_data, path).__name__
         hparams = saved_hparams(self.checkpoint_data)
-        explicit = _value(argv, "--model")
+        explicit = option_value(argv, "--model")
         if (
             explicit is not None
             and not explicit.lstrip().startswith("{")
@@ -289,18 +253,6 @@ class DelineaCLI(OneLineErrorsCLI):
         )
 
 
-def user_message(error: BaseException) -> str:
-    """The message of the delinea error inside jsonargparse's wrapping, else jsonargparse's own last line."""
-    current: BaseException | None = error
-    while current is not None:
-        if isinstance(current, (UserError, FileNotFoundError)):
-            return str(current).strip()
-        current = current.__cause__ or current.__context__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    listed = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
-    return listed[0] if listed else (lines[-1] if lines else repr(error))
-
-
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:
     """The ``delinea`` LightningCLI; ``run=False`` only parses and instantiates (config tests)."""
     return DelineaCLI(SegmentationTask, MedSegDataModule, args=args, run=run, **cli_options())
@@ -317,27 +269,11 @@ def cli_options() -> dict[str, Any]:
     }
 
 
-#: Errors a user can cause and fix: one line and exit code 2, never a traceback.
-USER_ERRORS = (UserError, FileExistsError, NotADirectoryError, PermissionError)
-
-
-def report(program: str, error: BaseException) -> None:
-    """Print a user error as one line and exit with code 2. An error raised in a loader worker arrives wrapped in
-    the worker's traceback; its own message is that traceback's last line."""
-    message = str(error).strip()
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1].split(": ", 1)[-1]
-    print(f"{program}: error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
 def main(args: ArgsType = None) -> None:
     """Run the ``delinea`` command; ``args`` lets tests call it in-process. User errors exit with code 2.
     ``delinea preprocess`` writes a dataset's slice store (:mod:`delinea.preprocess`)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["preprocess"]:
-        from delinea.preprocess import main as preprocess
-
         try:
             preprocess(argv[1:])
         except USER_ERRORS as error:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from delinea.cli import DATA_ALIASES, CLIError, option_value, user_message
 from delinea.datamodules.batches import give_plan
 from delinea.datamodules.dataset import SliceDataset
 from delinea.datamodules.labelled import LabelledDataModule
@@ -192,13 +193,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     from jsonargparse import ArgumentParser
 
     from delinea.datamodules import DATAMODULES
-    from delinea.main import DATA_ALIASES, CLIError, _value
     from delinea.tasks.checkpoints import read_checkpoint
 
     argv = _data_configs(list(argv))
-    data = _value(argv, "--data")
+    data = option_value(argv, "--data")
     if data is not None and data.lower() in DATA_ALIASES:
-        _value(argv, "--data", replace=DATA_ALIASES[data.lower()])
+        option_value(argv, "--data", replace=DATA_ALIASES[data.lower()])
     elif data is not None and data not in DATA_ALIASES.values() and "." not in data and "\n" not in data:
         raise CLIError(f"unknown dataset {data!r}; choose one of {', '.join(n for n in DATAMODULES if n != 'scan')}")
     description = (
@@ -213,8 +213,6 @@ def main(argv: list[str]) -> dict[str, Any]:
     try:
         datamodule = parser.instantiate_classes(config)["data"]
     except (ValueError, KeyError) as error:
-        from delinea.main import user_message
-
         raise CLIError(user_message(error)) from error
     model_plan = None
     if config.ckpt:

@@ -24,6 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("delinea.tasks",),
     ("delinea.segmenter",),
     ("delinea.callbacks",),
+    ("delinea.cli",),  # what the commands share: dataset names, argv, one-line errors
+    ("delinea.preprocess",),
     ("delinea.main", "delinea.__main__"),
     ("delinea.demo", "delinea.testing"),  # the demo and test fixtures: nothing in the library imports them
 ]
