@@ -307,7 +307,9 @@ class MedSegDataModule(LightningDataModule, ABC):
     def plan_request(self) -> PlanRequest:
         """What this datamodule's options (``spacing``, ``plan_file``, ``resolution``, ``body_margin``) and files
         (the plan file beside the split, the training cases) say about the plan; :func:`~delinea.geometry.resolve_plan`
-        decides with the model's plan."""
+        decides with the model's plan. The cases are discovered first, so that a bad input is reported before
+        anything about the plan."""
+        _ = self.files
         return PlanRequest(
             dataset=self.name,
             spacing=self.spacing,
