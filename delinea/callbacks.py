@@ -7,7 +7,6 @@ could not write, stops before any computation. :class:`AtomicCheckpointIO` write
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +18,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from delinea.errors import OutputError
 from delinea.evaluation import save_overlays, write_reports
-from delinea.io import save_nifti
+from delinea.io import PREDICTION_DESCRIPTION, atomic_path, remove_stale_temporaries, save_nifti, write_atomic
 from delinea.labels import ORGANS
 from delinea.tasks.volumes import PredictedCase
 
@@ -28,10 +28,11 @@ REPORT_FILES = ("metrics_per_case.csv", "metrics_summary.json", "metrics_table.m
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written whole or not at all: into a temporary file beside the target (``.<name>.tmp-<pid>``),
-    flushed to disk, then renamed over the target, which ``os.replace`` does atomically within a folder. A kill, a
-    full disk or a file-size limit during a save leaves the previous checkpoint intact; on errors the temporary
-    file is removed (one left by a SIGKILL is never mistaken for a checkpoint). Lightning's own writer stages the
+    """Checkpoints written whole or not at all (:func:`delinea.io.atomic_path`): into a temporary file beside the
+    target (``.<name>.tmp-<host>-<pid>``), flushed to disk, then renamed over the target. A kill, a full disk or a
+    file-size limit during a save leaves the previous checkpoint intact; a full disk stops the run with one line
+    saying so; the temporary file of a save that failed is removed, one left by a SIGKILL is removed by the next
+    run's first save into the folder (and is never mistaken for a checkpoint). Lightning's own writer stages the
     file in ``$TMPDIR`` and moves it, which becomes a truncating copy when that is another filesystem.
 
     Remote paths (``s3://``, ...) are left to Lightning's writer."""
@@ -40,18 +41,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(temporary, "wb") as handle:
+            with atomic_path(path) as temporary, open(temporary, "wb") as handle:
                 torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        except OutputError as error:
+            raise OutputError(
+                f"checkpoint {error}; the checkpoints saved before it stay loadable: make room, then resume with "
+                "--ckpt_path last"
+            ) from None
 
 
 class NewestLastCheckpoint(ModelCheckpoint):
@@ -186,9 +183,20 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = output_folder(self.output_dir, trainer, "predict")
-        cases = trainer.datamodule.predict_cases() if hasattr(trainer.datamodule, "predict_cases") else []
+        datamodule = trainer.datamodule
+        cases = datamodule.predict_cases() if hasattr(datamodule, "predict_cases") else []
+        targets = [p for c in cases for p in self.targets(c).values()]
+        # An output never replaces an input, whatever --overwrite says (a scan named like another's prediction).
+        inputs = {datamodule.case_path(c).resolve(): c for c in cases} if hasattr(datamodule, "case_path") else {}
+        for target in targets:
+            if target.resolve() in inputs:
+                raise OutputError(
+                    f"--output {self.folder}: {target.name} would replace the input scan {target} (case "
+                    f"{inputs[target.resolve()]!r}); choose another --output, or rename the scan"
+                )
         # Every case's files are checked now: a later case must not fail after earlier ones were written.
-        check_writable(self.folder, [p for c in cases for p in self.targets(c).values()], self.overwrite)
+        check_writable(self.folder, targets, self.overwrite)
+        remove_stale_temporaries(self.folder)
 
     def write_on_batch_end(
         self,
@@ -204,14 +212,19 @@ class PredictionWriter(BasePredictionWriter):
             self.write(case, trainer, pl_module)
 
     def write(self, case: PredictedCase, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write one case's label map (and uncertainty) in the input's voxel order, then its sidecar."""
+        """Write one case's label map (and uncertainty) in the input's voxel order, then its sidecar; each file whole
+        or not at all (:func:`~delinea.io.atomic_path`)."""
         targets = self.targets(case.case_id)
         geometry = case.geometry
+        # The sidecar is written last: its presence means the case is complete. An earlier one goes first, so that a
+        # run stopped between the files never leaves an old sidecar beside a new label map.
+        targets["sidecar"].unlink(missing_ok=True)
         save_nifti(
             geometry.to_original(case.labels).astype(np.uint8),
             geometry.original_affine,
             targets["labels"],
             overwrite=self.overwrite,
+            description=f"{PREDICTION_DESCRIPTION}: labels",
         )
         if self.save_uncertainty:
             save_nifti(
@@ -219,6 +232,7 @@ class PredictionWriter(BasePredictionWriter):
                 geometry.original_affine,
                 targets["uncertainty"],
                 overwrite=self.overwrite,
+                description=f"{PREDICTION_DESCRIPTION}: uncertainty",
             )
         present = sorted(int(v) for v in np.unique(case.labels) if v)
         plan = getattr(trainer.datamodule, "plan", None)
@@ -233,7 +247,4 @@ class PredictionWriter(BasePredictionWriter):
         }
         if hasattr(trainer.datamodule, "case_notes"):
             sidecar |= trainer.datamodule.case_notes(case.case_id)
-        # The sidecar is written last and atomically: its presence means the case is complete.
-        temporary = targets["sidecar"].with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(sidecar, indent=2) + "\n")
-        os.replace(temporary, targets["sidecar"])
+        write_atomic(targets["sidecar"], json.dumps(sidecar, indent=2) + "\n")

@@ -8,12 +8,22 @@ back to the input's voxel order exactly, and a prediction can be written with th
 
 DICOM is LPS+ (x towards the patient's left, y posterior); :func:`read_dicom_series` flips x and y to build
 a RAS+ affine, the NIfTI convention.
+
+Every file delinea writes goes through :func:`atomic_path`: it is written beside its target under a temporary name,
+flushed to disk and renamed over the target only when whole, so a kill or a full disk leaves the earlier file or
+none, never part of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
+import os
+import re
+import socket
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,23 +32,31 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from delinea.errors import DatasetError
+from delinea.errors import DatasetError, OutputError, UserError
 
 __all__ = [
+    "PREDICTION_DESCRIPTION",
     "DatasetError",
     "Geometry",
     "Volume",
+    "atomic_path",
     "is_nifti",
     "read_dicom_series",
     "read_geometry",
     "read_volume",
+    "remove_stale_temporaries",
     "save_nifti",
+    "write_atomic",
+    "written_by_predict",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
 # What a corrupt or truncated file raises inside nibabel/numpy/gzip.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+#: The header description (``descrip``) of the label and uncertainty maps ``delinea predict`` writes: how a later
+#: run tells its own outputs from scans.
+PREDICTION_DESCRIPTION = "delinea prediction"
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -157,13 +175,31 @@ def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise DatasetError(f"{path}: file not found")
+    if path.is_dir():
+        raise DatasetError(f"{path}: a folder named like a NIfTI file; expected a .nii or .nii.gz file")
     try:
         img = nib.load(str(path))
     except _READ_ERRORS as error:
         raise DatasetError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DatasetError(f"{path}: expected a NIfTI image, got {type(img).__name__}")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":  # RGB24/RGBA32 are records; complex has no order
+        raise DatasetError(
+            f"{path}: holds {'colour (RGB) ' if dtype.fields is not None else ''}voxels of type {dtype}; expected "
+            "one grey value per voxel (an integer or floating-point scan or label map)"
+        )
     return img
+
+
+def written_by_predict(path: str | Path) -> bool:
+    """Whether a NIfTI file is a label or uncertainty map that ``delinea predict`` wrote (its header says so)."""
+    try:
+        header = nib.load(str(path)).header
+        description = bytes(header["descrip"].item()).split(b"\0", 1)[0].decode("ascii", "replace")
+    except (*_READ_ERRORS, KeyError):
+        return False
+    return description.startswith(PREDICTION_DESCRIPTION)
 
 
 def read_geometry(path: str | Path) -> Geometry:
@@ -173,7 +209,7 @@ def read_geometry(path: str | Path) -> Geometry:
         DatasetError: the file is missing, unreadable, or not a 3D volume.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_nifti(path):
         return read_dicom_series(path, header_only=True).geometry
     img = _load_nifti(path)
     return Geometry.from_affine(img.affine, _squeeze_to_3d(img.shape, path), path)
@@ -189,7 +225,7 @@ def read_volume(path: str | Path) -> Volume:
         DatasetError: the path is missing, unreadable, corrupt, or not a 3D volume.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_nifti(path):
         return read_dicom_series(path)
     if not is_nifti(path):
         raise DatasetError(f"{path}: expected a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
@@ -290,14 +326,18 @@ def read_dicom_series(folder: str | Path, header_only: bool = False) -> Volume:
     return Volume(geometry.to_canonical(array), geometry, folder)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrite: bool = False) -> Path:
-    """Write ``array`` with ``affine`` as a NIfTI file, refusing to replace an existing file unless asked.
+def save_nifti(
+    array: np.ndarray, affine: np.ndarray, path: str | Path, overwrite: bool = False, description: str = ""
+) -> Path:
+    """Write ``array`` with ``affine`` as a NIfTI file (atomically, :func:`atomic_path`), refusing to replace an
+    existing file unless asked.
 
     Args:
         array: the voxel data, in the voxel order that ``affine`` describes.
         affine: 4x4 voxel-to-RAS+ affine.
         path: the output file (``.nii`` or ``.nii.gz``); parent folders are created.
         overwrite: replace ``path`` if it exists.
+        description: the header's ``descrip`` (at most 80 characters).
 
     Returns:
         The path written.
@@ -305,6 +345,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: ``path`` is not a NIfTI file name or ``affine`` is not 4x4.
+        OutputError: the file cannot be written (a full disk, a read-only folder); an earlier file is kept.
     """
     path = Path(path)
     if not is_nifti(path):
@@ -314,7 +355,6 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or choose another output) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -323,5 +363,136 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    if description:
+        img.header["descrip"] = description.encode("ascii")[:80]
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by the file name
+    with atomic_path(path, suffix=suffix) as temporary:
+        nib.save(img, str(temporary))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing files whole or not at all
+
+#: A temporary file of :func:`atomic_path`: ``.<target name>.tmp-<host>-<pid><suffix>`` (``<host>-`` is missing in
+#: the checkpoints of delinea 0.x before it, ``.last.ckpt.tmp-<pid>``).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)(?P<suffix>\.[^/]*)?$")
+#: Errors of a writer that mean the disk (or the user's quota, or the file-size limit) is full.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: Folders whose stale temporary files this process has removed already.
+_CLEANED: set[str] = set()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` that killed processes of this machine left in ``folder``;
+    a live process's (or another machine's, on a shared filesystem) are left alone. Returns those removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or match["host"] not in (None, _host()) or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (torch wraps a failed write in a RuntimeError), if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (where the system allows it), to the disk."""
+    with contextlib.suppress(OSError):
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
+    """Write ``path`` whole or not at all: yields a temporary path beside it to write, then flushes that file to the
+    disk and renames it over ``path`` (``os.replace``, atomic within a folder). On any error, or a kill, the target
+    keeps its earlier content (or stays absent); the temporary file is removed on errors, and the first write of a
+    later process into the folder removes one left by a kill (:func:`remove_stale_temporaries`).
+
+    Args:
+        path: the target; its folder is created.
+        suffix: appended to the temporary name, for writers that choose a format by extension (``.nii.gz``).
+        fsync: flush to the disk before the rename (off for caches, which may lose a file but never hold half a one).
+
+    Raises:
+        OutputError: writing failed with an operating-system error (a full disk, a read-only folder, a folder that
+            is a file); the message names the file and says that the earlier one is intact.
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocked} is a file, not a folder" if blocked is not None else _describe(error)
+        raise OutputError(f"{path}: not written, its folder cannot be created ({why})") from None
+    if str(folder) not in _CLEANED:
+        remove_stale_temporaries(folder)
+        _CLEANED.add(str(folder))
+    existed = path.exists()
+    temporary = folder / f".{path.name}.tmp-{_host()}-{os.getpid()}{suffix}"
+    try:
+        yield temporary
+        if fsync:
+            _fsync(temporary)
+        os.replace(temporary, path)
+        if fsync:
+            _fsync(folder)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        cause = _os_error(error)
+        if cause is None or isinstance(error, UserError):
+            raise
+        reason = "the disk is full" if cause.errno in _FULL else "it cannot be written"
+        kept = "the earlier file there is intact" if existed else "nothing was left in its place"
+        raise OutputError(f"{path}: not written, {reason} ({_describe(cause)}); {kept}") from None
+
+
+def _describe(error: OSError) -> str:
+    """``No space left on device [ENOSPC]``."""
+    code = errno.errorcode.get(error.errno or 0)
+    return f"{error.strerror or error}" + (f" [{code}]" if code else "")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write text or bytes to ``path`` whole or not at all (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        if isinstance(data, str):
+            temporary.write_text(data)
+        else:
+            temporary.write_bytes(data)
+    return Path(path)

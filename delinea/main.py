@@ -28,7 +28,7 @@ import delinea
 from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
 from delinea.datamodules import DATAMODULES, MedSegDataModule
 from delinea.errors import UserError
-from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
+from delinea.tasks import TASKS, SegmentationTask, checkpoint_hparams, checkpoint_task
 from delinea.tasks.base import read_checkpoint
 from delinea.tasks.export import is_model_folder, load_into, read_model_folder
 
@@ -80,8 +80,8 @@ def read_checkpoint_task(path: Path) -> tuple[str, dict[str, Any]]:
     checkpoint = read_checkpoint(path, mmap=True)
     if "state_dict" not in checkpoint:
         raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    return checkpoint_task(checkpoint, path).__name__, hparams
+    task = checkpoint_task(checkpoint, path)
+    return task.__name__, checkpoint_hparams(checkpoint, path)
 
 
 def check_fits(model: LightningModule, path: Path) -> None:
@@ -262,7 +262,7 @@ class DelineaCLI(OneLineErrorsCLI):
         if self.checkpoint == "last":
             self.checkpoint = find_last_checkpoint(self.trainer)
         if self.checkpoint is not None and is_model_folder(self.checkpoint):
-            load_into(self.model, read_model_folder(self.checkpoint))
+            load_into(self.model, read_model_folder(self.checkpoint), self.checkpoint)
             return None
         if self.checkpoint is not None:
             check_fits(self.model, Path(self.checkpoint))

@@ -830,12 +830,14 @@ def nifti_files(folder: Path, strip: str = "") -> dict[str, Path]:
 
     Raises:
         DatasetError: two files give one stem (``b.nii.gz`` and ``b_0000.nii.gz``, ``c.nii`` and ``c.nii.gz``):
-            which one is the case cannot be guessed.
+            which one is the case cannot be guessed; or a folder has a NIfTI name.
     """
     if not folder.is_dir():
         return {}
     out: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
+        if path.is_dir() and is_nifti(path) and not path.name.startswith("."):
+            raise DatasetError(f"{path}: a folder named like a NIfTI file; expected a .nii or .nii.gz file")
         if path.is_file() and is_nifti(path) and not path.name.startswith("."):
             stem = nifti_stem(path)
             if strip and stem.endswith(strip):

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from delinea.errors import OptionError
-from delinea.io import DatasetError
+from delinea.io import DatasetError, write_atomic
 
 #: Spacings above this many mm per pixel are refused: no abdominal scan has them, a typo does.
 MAX_SPACING = 20.0
@@ -204,12 +202,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (atomically: concurrent ranks never read half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-        os.replace(handle.name, path)
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

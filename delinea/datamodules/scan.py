@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from delinea.datamodules.base import MedSegDataModule, nifti_files
 from delinea.datamodules.utils import CaseFiles, count_nonfinite
 from delinea.errors import OptionError
-from delinea.io import DatasetError, is_nifti, nifti_stem, read_volume
+from delinea.io import DatasetError, is_nifti, nifti_stem, read_volume, written_by_predict
 
 
 class ScanDataModule(MedSegDataModule):
@@ -50,11 +50,28 @@ class ScanDataModule(MedSegDataModule):
         return str(self.path.resolve())
 
     def discover(self) -> list[CaseFiles]:
+        """The scans: the file, the folder's NIfTI files, or the DICOM series folder. Label and uncertainty maps
+        that ``delinea predict`` wrote (their header says so) are not scans: a folder's are skipped with a warning,
+        a file of them is refused."""
         if self.path.is_file():
             if not is_nifti(self.path):
                 raise DatasetError(f"{self.path}: not a NIfTI file (.nii/.nii.gz); for DICOM pass the series folder")
+            if written_by_predict(self.path):
+                raise DatasetError(f"{self.path}: a segmentation that delinea predict wrote, not a scan")
+            return [CaseFiles(nifti_stem(self.path), self.path, modality=self.modality)]
+        if is_nifti(self.path):  # read_volume names the folder
             return [CaseFiles(nifti_stem(self.path), self.path, modality=self.modality)]
         files = nifti_files(self.path)
+        outputs = sorted(path.name for path in files.values() if written_by_predict(path))
+        if outputs:
+            warnings.warn(
+                f"{self.path}: skipped {len(outputs)} segmentation(s) that delinea predict wrote ({', '.join(outputs[:3])}"
+                f"{', ...' if len(outputs) > 3 else ''}); they are outputs, not scans",
+                stacklevel=2,
+            )
+            files = {case_id: path for case_id, path in files.items() if path.name not in outputs}
+            if not files:
+                raise DatasetError(f"{self.path}: holds only segmentations that delinea predict wrote, no scan")
         if files:
             return [CaseFiles(case_id, path, modality=self.modality) for case_id, path in files.items()]
         return [CaseFiles(self.path.name, self.path, modality=self.modality)]  # a DICOM series, checked on setup

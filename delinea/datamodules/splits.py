@@ -12,13 +12,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from delinea.io import DatasetError
+from delinea.errors import OutputError
+from delinea.io import DatasetError, write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -84,11 +84,16 @@ def load_or_create_split(
         return split
     split = make_split(case_ids, ratios, seed)
     data = {**(meta or {}), "seed": seed, "ratios": list(ratios), **split}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file and rename: ranks that race here never read a half-written split.
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(handle.name, path)
+    # Written whole and renamed: ranks that race here never read a half-written split.
+    try:
+        write_atomic(path, json.dumps(data, indent=1))
+    except OutputError as error:
+        base = os.environ.get("DELINEA_SPLIT_DIR")
+        hint = f"set DELINEA_SPLIT_DIR (now {base}) to a writable folder" if base else "set DELINEA_SPLIT_DIR"
+        raise DatasetError(
+            f"split file {error}; a new split is kept where every later stage reads it: {hint}, or pass "
+            "--data.split_file"
+        ) from None
     return split
 
 

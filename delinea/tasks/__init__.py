@@ -29,6 +29,30 @@ def checkpoint_task(checkpoint: dict[str, Any], source: str | Path) -> type[Segm
     return TASKS[name]
 
 
+def checkpoint_hparams(checkpoint: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """A checkpoint's (or model folder's) hyperparameters, which must be plain values: a class path among them would
+    make the CLI import and build what the file names.
+
+    Raises:
+        CheckpointError: naming the file (a model folder's ``config.json``) and the hyperparameter.
+    """
+
+    def holds_class(value: Any) -> bool:
+        if isinstance(value, dict):
+            return "class_path" in value or any(holds_class(v) for v in value.values())
+        return isinstance(value, list | tuple) and any(holds_class(v) for v in value)
+
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    for key, value in hparams.items():
+        if holds_class(value):
+            where = Path(source) / "config.json" if Path(source).is_dir() else source
+            raise CheckpointError(
+                f"{where}: hyperparameter {key!r} holds a class path ({str(value)[:80]}); delinea's hyperparameters "
+                "are plain values (numbers, strings, lists): refused"
+            )
+    return hparams
+
+
 def load_task(path: str | Path, map_location: str | Any = "cpu", **overrides: Any) -> SegmentationTask:
     """A trained task from a checkpoint or a model folder, read weights-only and built from its hyperparameters
     (``overrides`` replace some, e.g. ``sampling_steps=10``), in eval mode."""
@@ -36,9 +60,17 @@ def load_task(path: str | Path, map_location: str | Any = "cpu", **overrides: An
 
     checkpoint = read_checkpoint(path)
     cls = checkpoint_task(checkpoint, path)
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    task = load_into(cls(**{**hparams, **overrides}), checkpoint)
+    hparams = checkpoint_hparams(checkpoint, path)
+    task = load_into(cls(**{**hparams, **overrides}), checkpoint, path)
     return task.to(map_location).eval()
 
 
-__all__ = ["TASKS", "MedDelineaTask", "SegmentationTask", "UNetTask", "checkpoint_task", "load_task"]
+__all__ = [
+    "TASKS",
+    "MedDelineaTask",
+    "SegmentationTask",
+    "UNetTask",
+    "checkpoint_hparams",
+    "checkpoint_task",
+    "load_task",
+]

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from delinea.errors import DatasetError
+from delinea.errors import CheckpointError, DatasetError
+from delinea.io import atomic_path, write_atomic
+from delinea.models.dit import read_weights
 
 FORMAT = 1
 #: Hyperparameters that name files: stored relative to the folder when they lie near it.
@@ -63,9 +65,6 @@ def save_model_folder(
         "hyper_parameters": hparams,
         **{k: v for k, v in checkpoint.items() if k.startswith("delinea_") and k != "delinea_task"},
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("model*.safetensors*"):
-        old.unlink()
     state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     limit, size = max_shard_mb * 1e6, 0.0
@@ -76,16 +75,22 @@ def save_model_folder(
             size = 0.0
         shards[-1][key] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"))
-    else:
-        index = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name))
-            index.update({key: name for key in shard})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=1) + "\n")
-    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    # Each file whole (atomic_path); the weights of an earlier save that the new ones do not replace are removed
+    # after the new ones are in place, and config.json comes last. A folder caught between two saves holds files
+    # that disagree, which read_weights refuses rather than mixing.
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]  # fmt: skip
+    for name, shard in zip(names, shards):
+        with atomic_path(folder / name) as temporary:
+            save_file(shard, str(temporary))
+    if len(shards) > 1:
+        index = {key: name for name, shard in zip(names, shards) for key in shard}
+        write_atomic(folder / "model.safetensors.index.json", json.dumps({"weight_map": index}, indent=1) + "\n")
+    for old in folder.glob("model*.safetensors*"):
+        if old.name not in names and not (len(shards) > 1 and old.name == "model.safetensors.index.json"):
+            old.unlink()
+    write_atomic(folder / "config.json", json.dumps(config, indent=1) + "\n")
     return folder
 
 
@@ -103,15 +108,7 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{folder / 'config.json'}: not a delinea model folder ({error})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or "task" not in config:
         raise DatasetError(f"{folder / 'config.json'}: not a delinea model folder (expected format {FORMAT})")
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise DatasetError(f"{folder}: no model*.safetensors weights next to config.json")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise DatasetError(f"{file}: unreadable weights ({type(error).__name__}: {error})") from None
+    state = read_weights(folder)
     hparams = dict(config.get("hyper_parameters", {}))
     for key in PATH_KEYS:
         value = hparams.get(key)
@@ -121,8 +118,16 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
     return {"state_dict": state, "hyper_parameters": hparams, "delinea_task": config["task"], **extras}
 
 
-def load_into(task: LightningModule, checkpoint: dict[str, Any]) -> LightningModule:
-    """Load a checkpoint-like dict into a task built from its hyperparameters, as Lightning would."""
+def load_into(task: LightningModule, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> LightningModule:
+    """Load a checkpoint-like dict into a task built from its hyperparameters, as Lightning would.
+
+    Raises:
+        CheckpointError: naming ``source``, when its weights do not fit the task.
+    """
     task.on_load_checkpoint(checkpoint)
-    task.load_state_dict(checkpoint["state_dict"])
+    try:
+        task.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CheckpointError(f"{source}: its weights do not fit a {type(task).__name__} ({first[:200]})") from None
     return task
