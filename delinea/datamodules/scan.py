@@ -64,9 +64,10 @@ class ScanDataModule(MedSegDataModule):
         files = nifti_files(self.path)
         outputs = sorted(path.name for path in files.values() if written_by_predict(path))
         if outputs:
+            named = ", ".join(outputs[:3]) + (", ..." if len(outputs) > 3 else "")
             warnings.warn(
-                f"{self.path}: skipped {len(outputs)} segmentation(s) that delinea predict wrote ({', '.join(outputs[:3])}"
-                f"{', ...' if len(outputs) > 3 else ''}); they are outputs, not scans",
+                f"{self.path}: skipped {len(outputs)} segmentation(s) that delinea predict wrote ({named}); they are "
+                "outputs, not scans",
                 stacklevel=2,
             )
             files = {case_id: path for case_id, path in files.items() if path.name not in outputs}

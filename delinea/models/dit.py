@@ -12,6 +12,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -382,8 +383,9 @@ def original_num_heads(
     """The head count of an original DiT checkpoint, which its tensors do not carry.
 
     In order: ``num_heads`` if given (it must agree with a ``train.py`` checkpoint's ``args.model``); the preset
-    that ``args.model`` names; the preset with this depth and hidden size (the released ``.pt`` files). Anything
-    else is ambiguous: hidden 384 could be 6 heads of 64 or 16 of 24, and a wrong guess loads silently wrong.
+    that ``args.model`` names; the preset with this depth and hidden size (the released ``.pt`` files), a guess
+    that is warned about. Anything else is ambiguous: hidden 384 could be 6 heads of 64 or 16 of 24, and a wrong
+    guess loads silently wrong.
 
     Raises:
         CheckpointError: the count cannot be determined, contradicts ``args.model``, or does not divide ``hidden``.
@@ -405,6 +407,12 @@ def original_num_heads(
                 "stored in its weights: pass num_heads (--model.dit_num_heads)"
             )
         num_heads = DIT_SIZES[presets[0]][2]
+        warnings.warn(
+            f"{source}: the head count is not stored in a DiT .pt's weights; assuming {num_heads}, that of the "
+            f"DiT-{presets[0]} preset of the same depth and width. A DiT trained with another count loads without "
+            "error and computes wrong outputs: if so, pass --model.dit_num_heads (num_heads)",
+            stacklevel=2,
+        )
     if num_heads < 1 or hidden % num_heads:
         raise CheckpointError(f"{source}: num_heads={num_heads} does not divide the hidden size {hidden}")
     return num_heads

@@ -20,7 +20,15 @@ from monai.losses import DiceLoss
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from delinea.datamodules.plan import IMAGE_FILL, Plan, Region, crop_window, lattice_padding, tile_offsets
+from delinea.datamodules.plan import (
+    IMAGE_FILL,
+    MAX_WINDOWS_PER_SLICE,
+    Plan,
+    Region,
+    crop_window,
+    lattice_padding,
+    tile_offsets,
+)
 from delinea.errors import CheckpointError, NonFiniteLossError, OptionError
 from delinea.evaluation import case_metrics, case_rows, gather_rows, summarize
 from delinea.labels import FOREGROUND, NUM_CLASSES
@@ -307,6 +315,12 @@ class SegmentationTask(SeededSteps, LightningModule):
             )
             start, pad = (region.x0 - rows[0], region.y0 - cols[0]), (cols[0], cols[1], rows[0], rows[1])
         padded = F.pad(image, pad, value=IMAGE_FILL)
+        windows = math.prod(-(-max(0, side - window) // stride) + 1 for side in padded.shape[-2:])
+        if windows > MAX_WINDOWS_PER_SLICE:
+            raise OptionError(
+                f"a {height} x {width} px slice takes {windows} windows of {window} px (more than "
+                f"{MAX_WINDOWS_PER_SLICE}): choose a larger window (--data.resolution) or a coarser plan spacing"
+            )
 
         def predictor(windows: torch.Tensor, places: list) -> torch.Tensor:
             seeds = [hash((start[0] + place[2].start, start[1] + place[3].start)) % 2**31 for place in places]

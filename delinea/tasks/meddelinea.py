@@ -16,7 +16,7 @@ from torch import nn
 from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
-from delinea.models.diffusion import make_sampler
+from delinea.models.diffusion import check_sampling_steps, make_sampler
 from delinea.models.dit import DIT_PRESETS
 from delinea.models.meddelinea import CHECKPOINT_PARTS
 from delinea.models.meddelinea import inference_dtype as resolve_inference_dtype
@@ -103,8 +103,7 @@ class MedDelineaTask(SegmentationTask):
         if not 0 <= ema_decay < 1:
             raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
-        if not isinstance(sampling_steps, int) or sampling_steps < 1:
-            raise OptionError(f"sampling_steps must be a positive integer, got {sampling_steps!r}")
+        check_sampling_steps(sampler, sampling_steps)  # and on a step count it cannot take
         if not isinstance(ensemble, int) or ensemble < 1:
             raise OptionError(f"ensemble must be a positive integer (samples per slice), got {ensemble!r}")
         resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype
