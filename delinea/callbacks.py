@@ -6,7 +6,10 @@ could not write, stops before any computation. :class:`AtomicCheckpointIO` write
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +75,62 @@ class NewestLastCheckpoint(ModelCheckpoint):
         # skipped in the sanity check, after the fit, and when this step was saved already
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RunOptions(Callback):
+    """Records the options a run was started with (its model, data and seed) in every checkpoint it saves, as
+    ``delinea_options``: ``--ckpt_path last`` resumes the run whose options are the ones given
+    (:func:`delinea.main.find_last_checkpoint`)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["delinea_options"] = self.options
+
+
+class CheckpointFolderLock(Callback):
+    """Refuses a second ``fit`` writing checkpoints into the folder of a running one (runs without a logger share
+    ``<default_root_dir>/checkpoints``; a logger gives each run its own version folder). The lock is an advisory
+    ``flock`` on ``.delinea-fit.lock`` in each checkpoint folder, which the system releases when the process ends,
+    however it ends."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder is None or "://" in str(folder):
+                continue
+            lock = Path(folder) / ".delinea-fit.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+")  # held open for the run: closing it releases the lock
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                handle.close()
+                raise OutputError(
+                    f"checkpoint folder {folder} is in use by another running fit ({owner}); give this run its own "
+                    "--trainer.default_root_dir, or keep a logger, which gives each run a version folder"
+                ) from None
+            except OSError:  # a filesystem without locks: nothing to hold
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            self._handles.append(handle)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
 
 
 def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -> Path:

@@ -195,7 +195,7 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
 def written_by_predict(path: str | Path) -> bool:
     """Whether a NIfTI file is a label or uncertainty map that ``delinea predict`` wrote (its header says so)."""
     try:
-        header = nib.load(str(path)).header
+        header: Any = nib.load(str(path)).header
         description = bytes(header["descrip"].item()).split(b"\0", 1)[0].decode("ascii", "replace")
     except (*_READ_ERRORS, KeyError):
         return False
@@ -400,7 +400,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary files of :func:`atomic_path` that killed processes of this machine left in ``folder``;
     a live process's (or another machine's, on a shared filesystem) are left alone. Returns those removed."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -19,13 +19,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 import delinea
-from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
+from delinea.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointFolderLock,
+    NewestLastCheckpoint,
+    PredictionWriter,
+    RunOptions,
+    TestReport,
+)
 from delinea.datamodules import DATAMODULES, MedSegDataModule
 from delinea.errors import UserError
 from delinea.tasks import TASKS, SegmentationTask, checkpoint_hparams, checkpoint_task
@@ -107,25 +117,82 @@ def check_fits(model: LightningModule, path: Path) -> None:
     )
 
 
-def find_last_checkpoint(trainer: Trainer) -> Path:
-    """The newest ``last*.ckpt`` of the run (what ``--ckpt_path last`` resumes): in the checkpoint callbacks'
-    folders, the loggers' folders (Lightning's ``<root>/lightning_logs/version_N/checkpoints``) and the run's
-    ``default_root_dir``, up to four folders deep.
+def _flat(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested options as ``{"model.init_args.lr": 0.001, ...}``."""
+    if isinstance(options, dict):
+        return {k: v for key, value in options.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): options}
+
+
+def find_last_checkpoint(trainer: Trainer, options: dict[str, Any] | None = None) -> Path:
+    """The ``last*.ckpt`` that ``--ckpt_path last`` resumes: the newest among those saved by a run with ``options``
+    (the model, data and seed a run records in its checkpoints, :class:`~delinea.callbacks.RunOptions`), found in
+    the checkpoint callbacks' folders, the loggers' folders (Lightning's
+    ``<root>/lightning_logs/version_N/checkpoints``) and the run's ``default_root_dir``, up to four folders deep.
+    A run that changed options is not resumed under them without its path being given; a checkpoint that records
+    no options (saved before delinea did) is resumed only when it is the only one.
 
     Raises:
-        CLIError: there is none; a run is never silently started over.
+        CLIError: there is none, or none saved with these options; a run is never silently started over or mixed.
     """
     roots = {Path(trainer.default_root_dir)}
     roots |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
     roots |= {Path(root) for logger in trainer.loggers if (root := getattr(logger, "root_dir", None))}
     patterns = ["/".join(["*"] * depth + ["last*.ckpt"]) for depth in range(5)]
     found = {p for root in roots if root.is_dir() for pattern in patterns for p in root.glob(pattern) if p.is_file()}
+    where = ", ".join(sorted(str(r) for r in roots))
     if not found:
-        where = ", ".join(sorted(str(r) for r in roots))
         raise CLIError(
             f"--ckpt_path last: no last.ckpt under {where}; start a new run without it, or give the checkpoint's path"
         )
-    return max(found, key=lambda p: p.stat().st_mtime)
+
+    def newest(paths: Any) -> Path:
+        return max(paths, key=lambda p: p.stat().st_mtime)
+
+    if options is None:
+        return newest(found)
+    recorded = {path: read_checkpoint(path, mmap=True).get("delinea_options") for path in found}
+    matching = [path for path, saved in recorded.items() if saved == options]
+    if matching:
+        return newest(matching)
+    if len(found) == 1 and None in recorded.values():
+        return next(iter(found))
+    if all(saved is None for saved in recorded.values()):
+        raise CLIError(
+            f"--ckpt_path last: {len(found)} runs under {where} hold a last.ckpt "
+            f"({', '.join(sorted(map(str, found)))}) and none records its options; give the path of the one to resume"
+        )
+    current = _flat(options)
+
+    def differences(saved: dict[str, Any]) -> list[str]:
+        theirs = _flat(saved)
+        keys = sorted(k for k in current.keys() | theirs.keys() if current.get(k) != theirs.get(k))
+        return [f"{k}={current.get(k)!r} (run: {theirs.get(k)!r})" for k in keys]
+
+    nearest, saved = min(((p, s) for p, s in recorded.items() if s is not None), key=lambda i: len(differences(i[1])))
+    raise CLIError(
+        f"--ckpt_path last: no run under {where} was saved with these options; the nearest, {nearest}, differs in "
+        f"{', '.join(differences(saved)[:3])}; give that checkpoint's path to resume it under these options, or run "
+        "with the options it records"
+    )
+
+
+def claim_version(logger: Any) -> None:
+    """Give a TensorBoard or CSV logger that would pick the next free ``version_N`` one taken atomically (``mkdir``
+    fails if another run made it first), so that runs started together in one folder never share one: Lightning
+    lists the folders, and two runs starting within that moment both took ``version_0``."""
+    root = getattr(logger, "root_dir", None)
+    if getattr(logger, "_version", 0) is not None or root is None or "://" in str(root):
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            (Path(root) / f"version_{version}").mkdir()
+            break
+        except FileExistsError:
+            version += 1
+    logger._version = version
 
 
 class NumberedConfigSaver(SaveConfigCallback):
@@ -147,14 +214,47 @@ class NumberedConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Read every YAML file argv names (``--config FILE``, ``--trainer FILE``, ...) before jsonargparse does, so that
+    a syntax error names the file rather than ``<unicode string>``.
+
+    Raises:
+        CLIError: a ``--config`` file that does not exist, or a YAML file that does not parse.
+    """
+    for i, arg in enumerate(argv):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) and name.startswith("-") else None)
+        if value is None or not name.startswith("-"):
+            continue
+        path = Path(value)
+        if name in ("--config", "-c") and not path.exists() and value.lower().endswith((".yaml", ".yml")):
+            raise CLIError(f"--config {value}: no such file")
+        if not value.lower().endswith((".yaml", ".yml")) or not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise CLIError(f"{name} {value}: invalid YAML{where}: {error.problem}") from None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
+            raise CLIError(f"{name} {value}: cannot read as YAML ({type(error).__name__}: {error})") from None
+
+
 class OneLineErrorsCLI(LightningCLI):
     """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, whose
     checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), and whose ``last.ckpt``
     is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`)."""
 
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        check_config_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except MisconfigurationException as error:  # Lightning's Trainer refusing an option: it names it
+            raise CLIError(f"--trainer: {str(error).strip()}") from None
         except (ValueError, FileNotFoundError, KeyError) as error:
             raise CLIError(user_message(error)) from error
 
@@ -165,6 +265,11 @@ class OneLineErrorsCLI(LightningCLI):
         for callback in trainer.callbacks:
             if type(callback) is ModelCheckpoint and callback.save_last:  # adds behaviour, no state
                 callback.__class__ = NewestLastCheckpoint
+        if self.subcommand is not None and rank_zero_only.rank == 0:  # a run (not a parse), on its first process
+            for logger in trainer.loggers:
+                claim_version(logger)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(CheckpointFolderLock())
         return trainer
 
 
@@ -253,14 +358,23 @@ class DelineaCLI(OneLineErrorsCLI):
         trainer.callbacks.extend([
             TestReport(output, overwrite, int(config.get("overlays", 3))),
             PredictionWriter(output, overwrite, bool(config.get("save_uncertainty"))),
+            RunOptions(self.run_options()),
         ])  # fmt: skip
         return trainer
+
+    def run_options(self) -> dict[str, Any]:
+        """What makes a run the run it is, as plain values: its model, data and seed (not its trainer options, which
+        a resumed run may change, e.g. ``max_steps``)."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        chosen = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+        plain: dict[str, Any] = json.loads(json.dumps(chosen, sort_keys=True, default=_plain))
+        return plain
 
     def _checkpoint_path(self) -> str | None:
         """The checkpoint for the trainer, checked against the model; a model folder is loaded into the model here
         instead."""
         if self.checkpoint == "last":
-            self.checkpoint = find_last_checkpoint(self.trainer)
+            self.checkpoint = find_last_checkpoint(self.trainer, self.run_options())
         if self.checkpoint is not None and is_model_folder(self.checkpoint):
             load_into(self.model, read_model_folder(self.checkpoint), self.checkpoint)
             return None
@@ -300,6 +414,11 @@ class DelineaCLI(OneLineErrorsCLI):
             return_predictions=bool(return_predictions),
             **{**kwargs, "ckpt_path": self._checkpoint_path(), "weights_only": True},
         )
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the values of a parsed config: namespaces as dicts, anything else (paths) as text."""
+    return value.as_dict() if hasattr(value, "as_dict") else str(value)
 
 
 def user_message(error: BaseException) -> str:

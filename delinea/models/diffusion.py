@@ -84,13 +84,13 @@ def check_sampling_steps(scheduler: str, steps: int) -> None:
     sampler = make_sampler(scheduler)
     if _steps_work(sampler, steps):
         return
-    most = min(steps, DIT_SCHEDULE["num_train_timesteps"])
+    timesteps = int(sampler.config.num_train_timesteps)
+    most = min(steps, timesteps)
     while most > 1 and not _steps_work(sampler, most):
         most -= 1
     raise OptionError(
-        f"sampling_steps {steps} is more than the {scheduler} sampler can take over DiT's "
-        f"{DIT_SCHEDULE['num_train_timesteps']} timesteps (diffusers would repeat a timestep, which gives NaN, or "
-        f"refuse): choose at most {most}"
+        f"sampling_steps {steps} is more than the {scheduler} sampler can take over DiT's {timesteps} timesteps "
+        f"(diffusers would repeat a timestep, which gives NaN, or refuse): choose at most {most}"
     )
 
 

@@ -122,6 +122,13 @@ class MedDelineaTask(SegmentationTask):
         mask_vae = MaskVAE(vae, NUM_CLASSES)
         latent_size = hp.image_size // mask_vae.downsampling
         if hp.dit in DIT_PRESETS:
+            multiple = mask_vae.downsampling * int(hp.dit.rsplit("/", 1)[1])
+            if not isinstance(hp.image_size, int) or hp.image_size < multiple or hp.image_size % multiple:
+                raise OptionError(
+                    f"image_size {hp.image_size!r} must be a positive multiple of {multiple} (the VAE's downsampling "
+                    f"{mask_vae.downsampling} x the patch size of {hp.dit}); e.g. "
+                    f"{max(1, round(hp.image_size / multiple)) * multiple}"
+                )
             dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
         else:
             dit = load_dit(_existing(hp.dit, "dit"), num_heads=hp.get("dit_num_heads"))
