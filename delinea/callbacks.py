@@ -49,8 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
         except OutputError as error:
             raise OutputError(
-                f"checkpoint {error}; the checkpoints saved before it stay loadable: make room, then resume with "
-                "--ckpt_path last"
+                f"checkpoint {error}; the checkpoints saved before it stay loadable: make room, then resume from the "
+                "newest (--ckpt_path)"
             ) from None
 
 
