@@ -119,15 +119,16 @@ def test_predict_killed_at_any_moment_leaves_whole_files_or_none(unet: Path, sca
     out = tmp_path / "out"
     argv = predict_argv(unet, scans, out, "--save_uncertainty", "true")
     main(argv)
-    expected = {p.name: np.asarray(nib.load(p).dataobj) for p in out.glob("*.nii.gz")}
+    expected = {p.name: np.asarray(nib.load(p).dataobj) for p in out.glob("[!.]*.nii.gz")}
     faults = ["kill_at_write('_seg', 2)", "kill_at_write('_uncertainty', 2)", *(f"kill_at_replace({n})" for n in
               range(1, 7))]  # fmt: skip
     for fault in faults:
         killed = _kill_predict([*argv, "--overwrite", "true"], fault, tmp_path)
         assert killed.returncode == -9, (fault, killed.stderr[-1500:])
-        for path in out.glob("*.nii.gz"):
-            assert np.array_equal(np.asarray(nib.load(path).dataobj), expected[path.name]), (fault, path.name)
-        for path in out.glob("*.json"):
+        for path in out.glob("[!.]*.nii.gz"):  # whole: it reads, and holds the result (float maps up to threads)
+            values = np.asarray(nib.load(path).dataobj)
+            assert np.allclose(values, expected[path.name], rtol=0, atol=1e-3), (fault, path.name)
+        for path in out.glob("[!.]*.json"):
             assert json.loads(path.read_text())["files"]["labels"].endswith(path.stem + ".nii.gz"), fault
     assert hidden(out)  # the kills left temporary files...
     main([*argv, "--overwrite", "true"])

@@ -84,7 +84,8 @@ def kill_at_write(name_part: str, nth: int) -> None:
 
     def killing(self: gzip.GzipFile, data: Any) -> int:
         written = write(self, data)
-        if name_part in str(self.name):
+        name = self.name or getattr(self.fileobj, "name", "")  # nibabel's gzip files name only their raw file
+        if name_part in str(name):
             seen[0] += 1
             if seen[0] == nth:
                 self.flush()
