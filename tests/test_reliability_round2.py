@@ -525,7 +525,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(
 ) -> None:
     """Before: torch's "enforce fail ... unexpected pos" traceback. Now one line saying the disk is full and where;
     the checkpoints saved before stay loadable and no partial file is left."""
-    monkeypatch.setattr(delinea.callbacks, "open", open_on_full_disk(room=2000, after=2, name_part=".ckpt"), raising=False)
+    full = open_on_full_disk(room=2000, after=2, name_part=".ckpt")  # the third checkpoint meets a full disk
+    monkeypatch.setattr(delinea.callbacks, "open", full, raising=False)
     root = tmp_path / "run"
     line = one_line_error(["fit", "--config", str(CONF / "unet_btcv.yaml"), "--data.root", str(btcv),
                            "--data.split_file", str(tmp_path / "split.json"), "--trainer.logger", "false",

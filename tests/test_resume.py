@@ -155,6 +155,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     )
     env = {"TMPDIR": "/dev/shm"} if Path("/dev/shm").is_dir() else {}
     child = _write_in_child(code, env)
+
     def temporary() -> Path | None:  # .last.ckpt.tmp-<host>-<pid>
         return next(tmp_path.glob(f".last.ckpt.tmp-*-{child.pid}"), None)
 
