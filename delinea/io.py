@@ -21,9 +21,10 @@ import errno
 import gzip
 import os
 import re
+import shutil
 import socket
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "DatasetError",
     "Geometry",
     "Volume",
+    "atomic_files",
     "atomic_path",
     "is_nifti",
     "read_dicom_series",
@@ -398,7 +400,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files of :func:`atomic_path` that killed processes of this machine left in ``folder``;
+    """Remove the temporary files (and staging folders of :func:`atomic_files`) of :func:`atomic_path` that killed
+    processes of this machine left in ``folder``;
     a live process's (or another machine's, on a shared filesystem) are left alone. Returns those removed."""
     removed: list[Path] = []
     try:
@@ -410,7 +413,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         if match is None or match["host"] not in (None, _host()) or _alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):  # the staging folder of atomic_files
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
 
@@ -453,12 +459,7 @@ def atomic_path(path: str | Path, suffix: str = "", fsync: bool = True) -> Itera
     """
     path = Path(path)
     folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"{blocked} is a file, not a folder" if blocked is not None else _describe(error)
-        raise OutputError(f"{path}: not written, its folder cannot be created ({why})") from None
+    _make_folder(folder, path)
     if str(folder) not in _CLEANED:
         remove_stale_temporaries(folder)
         _CLEANED.add(str(folder))
@@ -486,6 +487,48 @@ def _describe(error: OSError) -> str:
     """``No space left on device [ENOSPC]``."""
     code = errno.errorcode.get(error.errno or 0)
     return f"{error.strerror or error}" + (f" [{code}]" if code else "")
+
+
+def _make_folder(folder: Path, target: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocked} is a file, not a folder" if blocked is not None else _describe(error)
+        raise OutputError(f"{target}: not written, its folder cannot be created ({why})") from None
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | Path, stale: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
+    """Write the files of a folder (a model's weights and config) each whole: yields a staging folder beside
+    ``folder`` to write them into; then each is moved into ``folder`` by :func:`atomic_path`, ``config.json`` last,
+    and the files of ``folder`` that ``stale`` names and this write did not replace (an earlier save's other shards)
+    are removed. A kill between two files leaves files that disagree, which the readers refuse
+    (:func:`delinea.models.dit.read_weights`), never part of one.
+
+    Raises:
+        OutputError: as :func:`atomic_path`.
+    """
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.tmp-{_host()}-{os.getpid()}"
+    _make_folder(folder.parent, folder)
+    remove_stale_temporaries(folder.parent)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            staging.mkdir()
+        except OSError as error:
+            raise OutputError(f"{folder}: not written ({_describe(error)})") from None
+        yield staging
+        names = sorted((p.name for p in staging.iterdir()), key=lambda name: (name == "config.json", name))
+        for name in names:
+            with atomic_path(folder / name) as temporary:
+                os.replace(staging / name, temporary)
+        for old in folder.iterdir():
+            if old.is_file() and old.name not in names and stale(old.name):
+                old.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -179,6 +179,8 @@ def test_temporaries_of_killed_processes_are_removed_and_no_others(tmp_path: Pat
     }  # fmt: skip
     for name in names:
         (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / f".dit.tmp-{host}-{dead}").mkdir()  # a model folder's staging folder
+    (tmp_path / f".dit.tmp-{host}-{dead}" / "config.json").write_text("{}")
     AtomicCheckpointIO().save_checkpoint({"w": torch.arange(3.0)}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["last.ckpt", *(n for n, kept in names.items() if kept)]
@@ -204,11 +206,13 @@ def _writers(tmp_path: Path) -> dict[str, tuple[Path, Callable[[], object]]]:
                                                                                          overwrite=True)),
         "split": (tmp_path / "split.json", lambda: load_or_create_split(tmp_path / "split.json", ["a", "b"],
                                                                         (0.5, 0.5, 0.0), 0)),
+        "dit folder": (tmp_path / "dit" / "diffusion_pytorch_model.safetensors",
+                       lambda: save_dit(build_dit("DiT-tiny/2", sample_size=8), tmp_path / "dit")),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("writer", ["nifti", "csv report", "json report", "overlay png", "plan", "checkpoint",
-                                    "model folder", "split"])  # fmt: skip
+                                    "model folder", "split", "dit folder"])  # fmt: skip
 def test_every_writer_keeps_the_earlier_file_when_the_disk_is_full(
     writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from delinea.errors import CheckpointError
+from delinea.io import atomic_files
 
 # DiT size presets (depth, hidden size, heads) from the DiT paper, plus a tiny one for tests and CPU demos.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -237,9 +238,16 @@ def load_dit(path: str | Path, num_heads: int | None = None) -> DiTTransformer2D
 def save_dit(dit: DiTTransformer2DModel, folder: str | Path, max_shard_size: str = "4MB") -> None:
     """Write a DiT as a diffusers folder (config.json + safetensors shards) that :func:`load_dit` reads.
 
-    Small shards keep every file of weights shipped in the repository under 5 MB.
+    Small shards keep every file of weights shipped in the repository under 5 MB. Each file is written whole, and
+    an earlier save's weights that the new one does not replace are removed (:func:`~delinea.io.atomic_files`).
     """
-    dit.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
+    with atomic_files(folder, stale=is_weight_file) as staging:
+        dit.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of a model folder's weight files (or their index)."""
+    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 #: A shard's file name without its extension: ``<stem>-00001-of-00003``.

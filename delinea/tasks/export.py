@@ -25,8 +25,8 @@ from lightning.pytorch import LightningModule
 from safetensors.torch import save_file
 
 from delinea.errors import CheckpointError, DatasetError
-from delinea.io import atomic_path, write_atomic
-from delinea.models.dit import read_weights
+from delinea.io import atomic_files
+from delinea.models.dit import is_weight_file, read_weights
 
 FORMAT = 1
 #: Hyperparameters that name files: stored relative to the folder when they lie near it.
@@ -75,22 +75,19 @@ def save_model_folder(
             size = 0.0
         shards[-1][key] = tensor
         size += nbytes
-    # Each file whole (atomic_path); the weights of an earlier save that the new ones do not replace are removed
-    # after the new ones are in place, and config.json comes last. A folder caught between two saves holds files
-    # that disagree, which read_weights refuses rather than mixing.
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
-    ]  # fmt: skip
-    for name, shard in zip(names, shards):
-        with atomic_path(folder / name) as temporary:
-            save_file(shard, str(temporary))
-    if len(shards) > 1:
-        index = {key: name for name, shard in zip(names, shards) for key in shard}
-        write_atomic(folder / "model.safetensors.index.json", json.dumps({"weight_map": index}, indent=1) + "\n")
-    for old in folder.glob("model*.safetensors*"):
-        if old.name not in names and not (len(shards) > 1 and old.name == "model.safetensors.index.json"):
-            old.unlink()
-    write_atomic(folder / "config.json", json.dumps(config, indent=1) + "\n")
+    # Each file whole, config.json last, and an earlier save's weights that these do not replace removed after them
+    # (atomic_files): a folder caught between two saves holds files that disagree, which read_weights refuses.
+    with atomic_files(folder, stale=lambda name: name.startswith("model") and is_weight_file(name)) as staging:
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / "model.safetensors"))
+        else:
+            index = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / name))
+                index.update({key: name for key in shard})
+            (staging / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=1) + "\n")
+        (staging / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
 
