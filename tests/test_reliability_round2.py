@@ -379,6 +379,8 @@ def test_the_plan_bounds_its_spacing_slices_and_windows(capsys: pytest.CaptureFi
     task.set_plan(Plan.uniform(1.0, 8))  # windows of 8 px at a stride of 4
     with pytest.raises(OptionError, match=r"a 300 x 300 px slice takes 5476 windows of 8 px \(more than 4096\)"):
         task.predict_slices(torch.zeros(1, 1, 300, 300))
+    with pytest.raises(OptionError, match=r"a 600 x 600 px slice takes 5625 windows of 8 px"):  # validation's tiles
+        task.tile({"image": torch.zeros(1, 1, 600, 600), "mask": torch.zeros(1, 600, 600, dtype=torch.long)})
 
 
 @pytest.mark.parametrize(("sampler", "steps", "most"), [("dpmsolver++", 1000, 999), ("unipc", 1000, 999),

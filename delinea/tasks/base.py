@@ -105,6 +105,17 @@ def check_finite(loss: torch.Tensor, batch: dict[str, Any], step: int) -> None:
     )
 
 
+def check_window_count(count: int, image: torch.Tensor, window: int) -> None:
+    """Refuse a slice that would take more than :data:`MAX_WINDOWS_PER_SLICE` windows (a spacing far finer than the
+    scan's, or a tiny window), naming the count and what to change."""
+    if count > MAX_WINDOWS_PER_SLICE:
+        height, width = image.shape[-2:]
+        raise OptionError(
+            f"a {height} x {width} px slice takes {count} windows of {window} px (more than {MAX_WINDOWS_PER_SLICE}): "
+            "choose a larger window (--data.resolution) or a coarser plan spacing"
+        )
+
+
 def check_schedule(lr: float, warmup_steps: int, lr_schedule: str) -> None:
     """Raise an OptionError naming the value unless the optimiser settings can work."""
     if lr_schedule not in ("cosine", "linear", "constant"):
@@ -315,12 +326,7 @@ class SegmentationTask(SeededSteps, LightningModule):
             )
             start, pad = (region.x0 - rows[0], region.y0 - cols[0]), (cols[0], cols[1], rows[0], rows[1])
         padded = F.pad(image, pad, value=IMAGE_FILL)
-        windows = math.prod(-(-max(0, side - window) // stride) + 1 for side in padded.shape[-2:])
-        if windows > MAX_WINDOWS_PER_SLICE:
-            raise OptionError(
-                f"a {height} x {width} px slice takes {windows} windows of {window} px (more than "
-                f"{MAX_WINDOWS_PER_SLICE}): choose a larger window (--data.resolution) or a coarser plan spacing"
-            )
+        check_window_count(math.prod(-(-max(0, n - window) // stride) + 1 for n in padded.shape[-2:]), image, window)
 
         def predictor(windows: torch.Tensor, places: list) -> torch.Tensor:
             seeds = [hash((start[0] + place[2].start, start[1] + place[3].start)) % 2**31 for place in places]
@@ -341,6 +347,7 @@ class SegmentationTask(SeededSteps, LightningModule):
         height, width = image.shape[-2:]
         window = self.inference_window or -(-max(height, width) // self.size_multiple) * self.size_multiple
         tiles = [(top, left) for top in tile_offsets(height, window) for left in tile_offsets(width, window)]
+        check_window_count(len(tiles), image, window)
         images = torch.stack([crop_window(image, y, x, window, IMAGE_FILL) for y, x in tiles], 1)  # (N, T, 1, W, W)
         masks = torch.stack([crop_window(mask, y, x, window, 0) for y, x in tiles], 1)  # (N, T, W, W)
         n = len(tiles)
