@@ -242,9 +242,11 @@ def check_config_files(argv: list[str]) -> None:
 
 
 class OneLineErrorsCLI(LightningCLI):
-    """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, whose
-    checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), and whose ``last.ckpt``
-    is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`)."""
+    """LightningCLI whose errors while reading configs and building the classes reach the user as delinea's one-line
+    message, whose checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), whose
+    ``last.ckpt`` is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`), whose runs each claim their
+    own ``version_N`` folder (:func:`claim_version`) and whose fits refuse a checkpoint folder that another running
+    fit holds (:class:`~delinea.callbacks.CheckpointFolderLock`)."""
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         check_config_files(list(sys.argv[1:] if args is None else args))
