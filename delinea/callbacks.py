@@ -6,7 +6,9 @@ could not write, stops before any computation. :class:`AtomicCheckpointIO` write
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,19 +20,21 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from delinea.datamodules.batches import SliceData
+from delinea.errors import OutputError
 from delinea.evaluation import save_overlays, write_reports
-from delinea.io import check_writable
-from delinea.segmenter import Segmenter, targets_of
+from delinea.outputs import atomic_path, check_writable
+from delinea.segmenter import Segmenter, check_outputs
 from delinea.tasks import SegmentationTask
 
 REPORT_FILES = ("metrics_per_case.csv", "metrics_summary.json", "metrics_table.md")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written whole or not at all: into a temporary file beside the target (``.<name>.tmp-<pid>``),
-    flushed to disk, then renamed over the target, which ``os.replace`` does atomically within a folder. A kill, a
-    full disk or a file-size limit during a save leaves the previous checkpoint intact; on errors the temporary
-    file is removed (one left by a SIGKILL is never mistaken for a checkpoint). Lightning's own writer stages the
+    """Checkpoints written whole or not at all (:func:`delinea.outputs.atomic_path`): into a temporary file beside the
+    target (``.<name>.tmp-<host>-<pid>``), flushed to disk, then renamed over the target. A kill, a full disk or a
+    file-size limit during a save leaves the previous checkpoint intact; a full disk stops the run with one line
+    saying so; the temporary file of a save that failed is removed, one left by a SIGKILL is removed by the next
+    run's first save into the folder (and is never mistaken for a checkpoint). Lightning's own writer stages the
     file in ``$TMPDIR`` and moves it, which becomes a truncating copy when that is another filesystem.
 
     Remote paths (``s3://``, ...) are left to Lightning's writer.
@@ -57,18 +61,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(temporary, "wb") as handle:
+            with atomic_path(path) as temporary, open(temporary, "wb") as handle:
                 torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        except OutputError as error:
+            raise OutputError(
+                f"checkpoint {error}; the checkpoints saved before it stay loadable: make room, then resume from the "
+                "newest (--ckpt_path)"
+            ) from None
 
 
 class NewestLastCheckpoint(ModelCheckpoint):
@@ -92,6 +92,62 @@ class NewestLastCheckpoint(ModelCheckpoint):
         # skipped in the sanity check, after the fit, and when this step was saved already
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RunOptions(Callback):
+    """Records the options a run was started with (its model, data and seed) in every checkpoint it saves, as
+    ``delinea_options``: ``--ckpt_path last`` resumes the run whose options are the ones given
+    (:func:`delinea.main.find_last_checkpoint`)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["delinea_options"] = self.options
+
+
+class CheckpointFolderLock(Callback):
+    """Refuses a second ``fit`` writing checkpoints into the folder of a running one (runs without a logger share
+    ``<default_root_dir>/checkpoints``; a logger gives each run its own version folder). The lock is an advisory
+    ``flock`` on ``.delinea-fit.lock`` in each checkpoint folder, which the system releases when the process ends,
+    however it ends."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder is None or "://" in str(folder):
+                continue
+            lock = Path(folder) / ".delinea-fit.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+")  # held open for the run: closing it releases the lock
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                handle.close()
+                raise OutputError(
+                    f"checkpoint folder {folder} is in use by another running fit ({owner}); give this run its own "
+                    "--trainer.default_root_dir, or keep a logger, which gives each run a version folder"
+                ) from None
+            except OSError:  # a filesystem without locks: nothing to hold
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            self._handles.append(handle)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
 
 
 def output_folder(output_dir: str | Path | None, trainer: Trainer, stage: str) -> Path:
@@ -174,10 +230,8 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = output_folder(self.output_dir, trainer, "predict")
         data = trainer.datamodule
-        cases = data.predict_cases() if isinstance(data, SliceData) else []
-        # Every case's files are checked now: a later case must not fail after earlier ones were written.
-        targets = [p for c in cases for p in targets_of(self.folder, c, self.save_uncertainty).values()]
-        check_writable(self.folder, targets, self.overwrite)
+        sources = {c: data.case_path(c) for c in data.predict_cases()} if isinstance(data, SliceData) else {}
+        check_outputs(self.folder, sources, self.overwrite, self.save_uncertainty)
 
     def write_on_batch_end(
         self,

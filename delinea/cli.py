@@ -4,6 +4,9 @@ argv, and user errors as one line with exit code 2."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import yaml
 
 from delinea.datamodules import DATAMODULES
 from delinea.errors import UserError
@@ -70,3 +73,30 @@ def report(program: str, error: BaseException) -> None:
         message = message.splitlines()[-1].split(": ", 1)[-1]
     print(f"{program}: error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read every YAML file argv names (``--config FILE``, ``--trainer FILE``, ...) before jsonargparse does, so that
+    a syntax error names the file rather than ``<unicode string>``.
+
+    Raises:
+        CLIError: a ``--config`` file that does not exist, or a YAML file that does not parse.
+    """
+    for i, arg in enumerate(argv):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) and name.startswith("-") else None)
+        if value is None or not name.startswith("-"):
+            continue
+        path = Path(value)
+        if name in ("--config", "-c") and not path.exists() and value.lower().endswith((".yaml", ".yml")):
+            raise CLIError(f"--config {value}: no such file")
+        if not value.lower().endswith((".yaml", ".yml")) or not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise CLIError(f"{name} {value}: invalid YAML{where}: {error.problem}") from None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
+            raise CLIError(f"{name} {value}: cannot read as YAML ({type(error).__name__}: {error})") from None

@@ -19,5 +19,10 @@ class CheckpointError(UserError):
     """A checkpoint or model folder that cannot be read, or that does not fit the model; the message names it."""
 
 
+class OutputError(UserError):
+    """An output that cannot be written (a full disk, a read-only or missing folder) or that would replace an input;
+    the message names it and says what was kept."""
+
+
 class NonFiniteLossError(UserError):
     """Training met a NaN or infinite loss; the message names the step and the batch's cases."""

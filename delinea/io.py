@@ -10,15 +10,13 @@ DICOM is LPS+ (x towards the patient's left, y posterior); :func:`read_dicom_ser
 a RAS+ affine, the NIfTI convention.
 
 Also here: finding NIfTI files in a folder and pairing images with labels by case id (:func:`nifti_files`,
-:func:`pair_by_id`), and checking that outputs can be written before any work (:func:`check_writable`).
+:func:`pair_by_id`). Files are written whole or not at all (:mod:`delinea.outputs`).
 """
 
 from __future__ import annotations
 
 import gzip
-import tempfile
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,13 @@ import numpy as np
 from nibabel import orientations
 
 from delinea.errors import DatasetError
+from delinea.outputs import atomic_path
 
 __all__ = [
+    "PREDICTION_DESCRIPTION",
     "DatasetError",
     "Geometry",
     "Volume",
-    "check_writable",
     "is_nifti",
     "nifti_files",
     "nifti_stem",
@@ -42,12 +41,16 @@ __all__ = [
     "read_geometry",
     "read_volume",
     "save_nifti",
+    "written_by_predict",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CANONICAL = orientations.axcodes2ornt(("R", "A", "S"))
 # What a corrupt or truncated file raises inside nibabel/numpy/gzip.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+#: The header description (``descrip``) of the label and uncertainty maps ``delinea predict`` writes: how a later
+#: run tells its own outputs from scans.
+PREDICTION_DESCRIPTION = "delinea prediction"
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -87,12 +90,14 @@ def nifti_files(folder: Path, strip: str = "") -> dict[str, Path]:
 
     Raises:
         DatasetError: two files give one stem (``b.nii.gz`` and ``b_0000.nii.gz``, ``c.nii`` and ``c.nii.gz``):
-            which one is the case cannot be guessed.
+            which one is the case cannot be guessed; or a folder has a NIfTI name.
     """
     if not folder.is_dir():
         return {}
     out: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
+        if path.is_dir() and is_nifti(path) and not path.name.startswith("."):
+            raise DatasetError(f"{path}: a folder named like a NIfTI file; expected a .nii or .nii.gz file")
         if path.is_file() and is_nifti(path) and not path.name.startswith("."):
             stem = nifti_stem(path)
             if strip and stem.endswith(strip):
@@ -207,13 +212,31 @@ def _squeeze_to_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise DatasetError(f"{path}: file not found")
+    if path.is_dir():
+        raise DatasetError(f"{path}: a folder named like a NIfTI file; expected a .nii or .nii.gz file")
     try:
         img = nib.load(str(path))
     except _READ_ERRORS as error:
         raise DatasetError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DatasetError(f"{path}: expected a NIfTI image, got {type(img).__name__}")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":  # RGB24/RGBA32 are records; complex has no order
+        raise DatasetError(
+            f"{path}: holds {'colour (RGB) ' if dtype.fields is not None else ''}voxels of type {dtype}; expected "
+            "one grey value per voxel (an integer or floating-point scan or label map)"
+        )
     return img
+
+
+def written_by_predict(path: str | Path) -> bool:
+    """Whether a NIfTI file is a label or uncertainty map that ``delinea predict`` wrote (its header says so)."""
+    try:
+        header: Any = nib.load(str(path)).header
+        description = bytes(header["descrip"].item()).split(b"\0", 1)[0].decode("ascii", "replace")
+    except (*_READ_ERRORS, KeyError):
+        return False
+    return description.startswith(PREDICTION_DESCRIPTION)
 
 
 def read_geometry(path: str | Path) -> Geometry:
@@ -223,7 +246,7 @@ def read_geometry(path: str | Path) -> Geometry:
         DatasetError: the file is missing, unreadable, or not a 3D volume.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_nifti(path):
         return read_dicom_series(path, header_only=True).geometry
     img = _load_nifti(path)
     return Geometry.from_affine(img.affine, _squeeze_to_3d(img.shape, path), path)
@@ -239,7 +262,7 @@ def read_volume(path: str | Path) -> Volume:
         DatasetError: the path is missing, unreadable, corrupt, or not a 3D volume.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_nifti(path):
         return read_dicom_series(path)
     if not is_nifti(path):
         raise DatasetError(f"{path}: expected a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
@@ -340,14 +363,18 @@ def read_dicom_series(folder: str | Path, header_only: bool = False) -> Volume:
     return Volume(geometry.to_canonical(array), geometry, folder)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrite: bool = False) -> Path:
-    """Write ``array`` with ``affine`` as a NIfTI file, refusing to replace an existing file unless asked.
+def save_nifti(
+    array: np.ndarray, affine: np.ndarray, path: str | Path, overwrite: bool = False, description: str = ""
+) -> Path:
+    """Write ``array`` with ``affine`` as a NIfTI file (atomically, :func:`atomic_path`), refusing to replace an
+    existing file unless asked.
 
     Args:
         array: the voxel data, in the voxel order that ``affine`` describes.
         affine: 4x4 voxel-to-RAS+ affine.
         path: the output file (``.nii`` or ``.nii.gz``); parent folders are created.
         overwrite: replace ``path`` if it exists.
+        description: the header's ``descrip`` (at most 80 characters).
 
     Returns:
         The path written.
@@ -355,6 +382,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: ``path`` is not a NIfTI file name or ``affine`` is not 4x4.
+        OutputError: the file cannot be written (a full disk, a read-only folder); an earlier file is kept.
     """
     path = Path(path)
     if not is_nifti(path):
@@ -364,7 +392,6 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or choose another output) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -373,30 +400,9 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, overwrit
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    if description:
+        img.header["descrip"] = description.encode("ascii")[:80]
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel compresses by the file name
+    with atomic_path(path, suffix=suffix) as temporary:
+        nib.save(img, str(temporary))
     return path
-
-
-def check_writable(folder: Path, targets: Sequence[Path], overwrite: bool) -> None:
-    """Refuse before any work: an output folder that is a file or cannot be written, or existing targets.
-
-    Raises:
-        FileExistsError: a target exists and ``overwrite`` is False (the first few are named).
-        NotADirectoryError: ``folder`` (or a parent) is a file.
-        PermissionError: ``folder`` cannot be created or written.
-    """
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"output {folder}: {parent} is a file, not a folder")
-    existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        names = ", ".join(str(p) for p in existing[:3]) + (
-            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        )
-        raise FileExistsError(f"{names} exist(s); pass --overwrite true to replace, or choose another --output")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(f"output {folder} cannot be written ({error.strerror or error})") from None

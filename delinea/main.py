@@ -19,70 +19,58 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 import delinea
-from delinea.callbacks import AtomicCheckpointIO, NewestLastCheckpoint, PredictionWriter, TestReport
-from delinea.cli import CKPT_NAMES, DATA_ALIASES, USER_ERRORS, CLIError, option_value, report, take_option, user_message
+from delinea.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointFolderLock,
+    NewestLastCheckpoint,
+    PredictionWriter,
+    RunOptions,
+    TestReport,
+)
+from delinea.cli import (
+    CKPT_NAMES,
+    DATA_ALIASES,
+    USER_ERRORS,
+    CLIError,
+    check_config_files,
+    option_value,
+    report,
+    take_option,
+    user_message,
+)
 from delinea.datamodules import DATAMODULES, MedSegDataModule, SliceData
 from delinea.preprocess import main as preprocess
+from delinea.runs import NumberedConfigSaver, claim_version, find_last_checkpoint
 from delinea.segmenter import Segmenter
 from delinea.tasks import TASKS, SegmentationTask, checkpoint_task
-from delinea.tasks.checkpoints import read_checkpoint, saved_hparams
+from delinea.tasks.checkpoints import checkpoint_hparams, read_checkpoint
 from delinea.tasks.export import is_model_folder
 
 
-def find_last_checkpoint(trainer: Trainer) -> Path:
-    """The newest ``last*.ckpt`` of the run (what ``--ckpt_path last`` resumes): in the checkpoint callbacks'
-    folders, the loggers' folders (Lightning's ``<root>/lightning_logs/version_N/checkpoints``) and the run's
-    ``default_root_dir``, up to four folders deep.
-
-    Raises:
-        CLIError: there is none; a run is never silently started over.
-    """
-    roots = {Path(trainer.default_root_dir)}
-    roots |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
-    roots |= {Path(root) for logger in trainer.loggers if (root := getattr(logger, "root_dir", None))}
-    patterns = ["/".join(["*"] * depth + ["last*.ckpt"]) for depth in range(5)]
-    found = {p for root in roots if root.is_dir() for pattern in patterns for p in root.glob(pattern) if p.is_file()}
-    if not found:
-        where = ", ".join(sorted(str(r) for r in roots))
-        raise CLIError(
-            f"--ckpt_path last: no last.ckpt under {where}; start a new run without it, or give the checkpoint's path"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-class NumberedConfigSaver(SaveConfigCallback):
-    """Saves the run's full config beside its logs, never over an earlier one: when ``config.yaml`` is there (a
-    resumed run, or runs sharing a folder without a logger) the next free ``config-<n>.yaml`` is used."""
-
-    config_filename: str
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        name = None
-        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, before rank zero looks at files
-        if trainer.is_global_zero and log_dir is not None:
-            stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
-            name, n = self.config_filename, 0
-            while (Path(log_dir) / name).exists():
-                n += 1
-                name = f"{stem}-{n}{suffix}"
-        self.config_filename = trainer.strategy.broadcast(name) or self.config_filename
-        super().setup(trainer, pl_module, stage)
-
-
 class OneLineErrorsCLI(LightningCLI):
-    """LightningCLI whose errors while building the classes reach the user as delinea's one-line message, whose
-    checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), and whose ``last.ckpt``
-    is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`)."""
+    """LightningCLI whose errors while reading configs and building the classes reach the user as delinea's one-line
+    message, whose checkpoints are written atomically (:class:`~delinea.callbacks.AtomicCheckpointIO`), whose
+    ``last.ckpt`` is the newest state (:class:`~delinea.callbacks.NewestLastCheckpoint`), whose runs each claim their
+    own ``version_N`` folder (:func:`claim_version`) and whose fits refuse a checkpoint folder that another running
+    fit holds (:class:`~delinea.callbacks.CheckpointFolderLock`)."""
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        check_config_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except MisconfigurationException as error:  # Lightning's Trainer refusing an option: it names it
+            raise CLIError(f"--trainer: {str(error).strip()}") from None
         except (ValueError, FileNotFoundError, KeyError) as error:
             raise CLIError(user_message(error)) from error
 
@@ -93,6 +81,11 @@ class OneLineErrorsCLI(LightningCLI):
         for callback in trainer.callbacks:
             if type(callback) is ModelCheckpoint and callback.save_last:  # adds behaviour, no state
                 callback.__class__ = NewestLastCheckpoint
+        if self.subcommand is not None and rank_zero_only.rank == 0:  # a run (not a parse), on its first process
+            for logger in trainer.loggers:
+                claim_version(logger)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(CheckpointFolderLock())
         return trainer
 
 
@@ -167,7 +160,7 @@ class DelineaCLI(OneLineErrorsCLI):
         if "state_dict" not in self.checkpoint_data:
             raise CLIError(f"{path} is not a delinea checkpoint: no state_dict")
         self.checkpoint_task = checkpoint_task(self.checkpoint_data, path).__name__
-        hparams = saved_hparams(self.checkpoint_data)
+        hparams = checkpoint_hparams(self.checkpoint_data, path)
         explicit = option_value(argv, "--model")
         if (
             explicit is not None
@@ -189,15 +182,23 @@ class DelineaCLI(OneLineErrorsCLI):
         trainer.callbacks.extend([
             TestReport(output, overwrite, int(config.get("overlays", 3))),
             PredictionWriter(output, overwrite, bool(config.get("save_uncertainty"))),
+            RunOptions(self.run_options()),
         ])  # fmt: skip
         return trainer
+
+    def run_options(self) -> dict[str, Any]:
+        """What makes a run the run it is, as plain values: its model, data and seed (not its trainer options, which
+        a resumed run may change, e.g. ``max_steps``)."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        chosen = {key: config.get(key) for key in ("model", "data", "seed_everything")}
+        plain: dict[str, Any] = json.loads(json.dumps(chosen, sort_keys=True, default=_plain))
+        return plain
 
     def _checkpoint_path(self, model: LightningModule) -> str | None:
         """The checkpoint to resume a fit from (its copy read once, handed to the trainer's checkpoint IO), checked
         against the model; None when there is none."""
         if self.checkpoint == "last":
-            self.checkpoint = find_last_checkpoint(self.trainer)
-            self.checkpoint_data = read_checkpoint(self.checkpoint, mmap=True)
+            self.checkpoint, self.checkpoint_data = find_last_checkpoint(self.trainer, self.run_options())
         if self.checkpoint is None or self.checkpoint_data is None:
             return None
         if isinstance(model, SegmentationTask):
@@ -213,7 +214,7 @@ class DelineaCLI(OneLineErrorsCLI):
         if isinstance(model, SegmentationTask):
             if self.checkpoint_data is not None:
                 model.check_fits(self.checkpoint_data, self.checkpoint or "")
-                model.restore(self.checkpoint_data)
+                model.restore(self.checkpoint_data, self.checkpoint or "checkpoint")
             segmenter = Segmenter(model)
             if isinstance(datamodule, SliceData):
                 segmenter.prepare(datamodule, stage)
@@ -251,6 +252,11 @@ class DelineaCLI(OneLineErrorsCLI):
             return_predictions=bool(return_predictions),
             **{**kwargs, "weights_only": True},
         )
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the values of a parsed config: namespaces as dicts, anything else (paths) as text."""
+    return value.as_dict() if hasattr(value, "as_dict") else str(value)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> DelineaCLI:

@@ -16,9 +16,9 @@ do the writer callbacks, the quickstart notebook and the demo.
 from __future__ import annotations
 
 import json
-import os
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, overload
 
@@ -33,10 +33,20 @@ from delinea.datamodules.dataset import SliceDataset
 from delinea.datamodules.samplers import SliceBatchSampler
 from delinea.datamodules.scan import ScanDataModule
 from delinea.datamodules.utils import CaseFiles, Intensity, loaded_case
-from delinea.errors import OptionError
-from delinea.geometry import IMAGE_FILL, Plan, PlanRequest, Region, SlidingLayout, covering_window, resolve_plan
-from delinea.io import Geometry, Volume, check_writable, save_nifti
+from delinea.errors import OptionError, OutputError
+from delinea.geometry import (
+    IMAGE_FILL,
+    Plan,
+    PlanRequest,
+    Region,
+    SlidingLayout,
+    check_window_count,
+    covering_window,
+    resolve_plan,
+)
+from delinea.io import PREDICTION_DESCRIPTION, Geometry, Volume, save_nifti
 from delinea.labels import NUM_CLASSES, ORGANS
+from delinea.outputs import check_writable, remove_stale_temporaries, write_atomic
 from delinea.tasks import SegmentationTask, load_task
 from delinea.volumes import PredictedCase, VolumeAssembler
 
@@ -142,6 +152,7 @@ class Segmenter:
         x0, y0 = (region.x0, region.y0) if region is not None else (None, None)
         layout = SlidingLayout.of(x0, y0, height, width, window, stride)
         padded = F.pad(image, layout.pad, value=IMAGE_FILL)
+        check_window_count(math.prod(-(-max(0, n - window) // stride) + 1 for n in padded.shape[-2:]), image, window)
 
         def predictor(windows: torch.Tensor, places: list) -> torch.Tensor:
             seeds = [layout.seed(place[2].start, place[3].start) for place in places]
@@ -273,13 +284,8 @@ class Segmenter:
         sources = [ScanDataModule(str(p), modality, batch_size=self.batch_size, num_workers=num_workers) for p in paths]
         for data in sources:
             self.prepare(data, "predict")
-        targets = [
-            t
-            for data in sources
-            for c in data.predict_cases()
-            for t in targets_of(folder, c, save_uncertainty).values()
-        ]
-        check_writable(folder, list(targets), overwrite)
+        scans = {case: data.case_path(case) for data in sources for case in data.predict_cases()}
+        check_outputs(folder, scans, overwrite, save_uncertainty)
         written = []
         for data in sources:
             for case in self._run(data.case_geometry, data.predict_dataloader()):
@@ -295,11 +301,15 @@ class Segmenter:
         complete."""
         targets = targets_of(folder, case.case_id, save_uncertainty)
         geometry = case.geometry
+        # An earlier sidecar goes first, so that a run stopped between the files never leaves an old sidecar beside a
+        # new label map; each file is written whole or not at all (:func:`~delinea.outputs.atomic_path`).
+        targets["sidecar"].unlink(missing_ok=True)
         save_nifti(geometry.to_original(case.labels).astype(np.uint8), geometry.original_affine, targets["labels"],
-                   overwrite=overwrite)  # fmt: skip
+                   overwrite=overwrite, description=f"{PREDICTION_DESCRIPTION}: labels")  # fmt: skip
         if save_uncertainty:
             save_nifti(geometry.to_original(case.uncertainty.astype(np.float32)), geometry.original_affine,
-                       targets["uncertainty"], overwrite=overwrite)  # fmt: skip
+                       targets["uncertainty"], overwrite=overwrite,
+                       description=f"{PREDICTION_DESCRIPTION}: uncertainty")  # fmt: skip
         present = sorted(int(v) for v in np.unique(case.labels) if v)
         sidecar: dict[str, Any] = {
             "source": str(source),
@@ -312,9 +322,7 @@ class Segmenter:
         }
         if self._warn_nonfinite(case, str(source)):
             sidecar["nonfinite_voxels_replaced"] = case.nonfinite
-        temporary = targets["sidecar"].with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(sidecar, indent=2) + "\n")
-        os.replace(temporary, targets["sidecar"])
+        write_atomic(targets["sidecar"], json.dumps(sidecar, indent=2) + "\n")
         return targets
 
     @staticmethod
@@ -326,6 +334,28 @@ class Segmenter:
                 stacklevel=3,
             )
         return bool(case.nonfinite)
+
+
+def check_outputs(folder: Path, sources: Mapping[str, Path], overwrite: bool, save_uncertainty: bool = False) -> None:
+    """Check, before any case is segmented, every file a prediction of the cases ``sources`` (case id -> its scan)
+    writes into ``folder``: none may replace an input scan, whatever ``overwrite`` says (a scan named like another's
+    prediction), none may exist unless ``overwrite``, and the folder must be writable. Temporary files that a killed
+    run left there are removed.
+
+    Raises:
+        OutputError: an output would replace an input.
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    targets = [t for case in sources for t in targets_of(folder, case, save_uncertainty).values()]
+    inputs = {path.resolve(): case for case, path in sources.items()}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise OutputError(
+                f"--output {folder}: {target.name} would replace the input scan {target} (case "
+                f"{inputs[target.resolve()]!r}); choose another --output, or rename the scan"
+            )
+    check_writable(folder, targets, overwrite)
+    remove_stale_temporaries(folder)
 
 
 def targets_of(folder: Path, case_id: str, save_uncertainty: bool = False) -> dict[str, Path]:

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "delinea"
 #: The layers, lowest first: a module may import its own layer and the layers below, never one above.
 LAYERS: list[tuple[str, ...]] = [
     ("delinea.errors", "delinea.labels"),
+    ("delinea.outputs",),
     ("delinea.io",),
     ("delinea.geometry",),
     ("delinea.models",),
@@ -25,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("delinea.segmenter",),
     ("delinea.callbacks",),
     ("delinea.cli",),  # what the commands share: dataset names, argv, one-line errors
+    ("delinea.runs",),
     ("delinea.preprocess",),
     ("delinea.main", "delinea.__main__"),
     ("delinea.demo", "delinea.testing"),  # the demo and test fixtures: nothing in the library imports them

@@ -155,13 +155,16 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     )
     env = {"TMPDIR": "/dev/shm"} if Path("/dev/shm").is_dir() else {}
     child = _write_in_child(code, env)
-    temporary = tmp_path / f".last.ckpt.tmp-{child.pid}"
+
+    def temporary() -> Path | None:  # .last.ckpt.tmp-<host>-<pid>
+        return next(tmp_path.glob(f".last.ckpt.tmp-*-{child.pid}"), None)
+
     deadline = time.monotonic() + 120
-    while not (temporary.exists() and temporary.stat().st_size > 10_000_000) and time.monotonic() < deadline:
+    while not ((found := temporary()) and found.stat().st_size > 10_000_000) and time.monotonic() < deadline:
         time.sleep(0.01)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert temporary.exists(), "the child never got to write (see its stderr)" + child.stderr.read()[-500:]
+    assert temporary() is not None, "the child never got to write (see its stderr)" + child.stderr.read()[-500:]
     kept = torch.load(target, weights_only=True)
     assert kept["step"] in (1, 2) and kept["w"].numel() in (10, 50_000_000)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +26,9 @@ from delinea.datamodules.utils import (
     load_case_files,
     read_label,
 )
+from delinea.errors import OutputError
 from delinea.io import DatasetError, read_volume
+from delinea.outputs import write_atomic
 
 log = logging.getLogger(__name__)
 VERSION = 2
@@ -120,11 +120,8 @@ class CaseIndex:
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-                json.dump({"version": VERSION, "cases": self.entries}, handle)
-            os.replace(handle.name, self.path)
-        except OSError as error:
+            write_atomic(self.path, json.dumps({"version": VERSION, "cases": self.entries}))
+        except OutputError as error:
             log.info("case index not saved to %s (%s)", self.path, error)
 
 

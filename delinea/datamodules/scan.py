@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 from delinea.datamodules.base import MedSegDataModule
 from delinea.datamodules.utils import CaseFiles
 from delinea.errors import OptionError
-from delinea.io import DatasetError, is_nifti, nifti_files, nifti_stem
+from delinea.io import DatasetError, is_nifti, nifti_files, nifti_stem, written_by_predict
 
 
 class ScanDataModule(MedSegDataModule):
@@ -48,11 +49,29 @@ class ScanDataModule(MedSegDataModule):
         return str(self.path.resolve())
 
     def discover(self) -> list[CaseFiles]:
+        """The scans: the file, the folder's NIfTI files, or the DICOM series folder. Label and uncertainty maps
+        that ``delinea predict`` wrote (their header says so) are not scans: a folder's are skipped with a warning,
+        a file of them is refused."""
         if self.path.is_file():
             if not is_nifti(self.path):
                 raise DatasetError(f"{self.path}: not a NIfTI file (.nii/.nii.gz); for DICOM pass the series folder")
+            if written_by_predict(self.path):
+                raise DatasetError(f"{self.path}: a segmentation that delinea predict wrote, not a scan")
+            return [CaseFiles(nifti_stem(self.path), self.path, modality=self.modality)]
+        if is_nifti(self.path):  # read_volume names the folder
             return [CaseFiles(nifti_stem(self.path), self.path, modality=self.modality)]
         files = nifti_files(self.path)
+        outputs = sorted(path.name for path in files.values() if written_by_predict(path))
+        if outputs:
+            named = ", ".join(outputs[:3]) + (", ..." if len(outputs) > 3 else "")
+            warnings.warn(
+                f"{self.path}: skipped {len(outputs)} segmentation(s) that delinea predict wrote ({named}); they are "
+                "outputs, not scans",
+                stacklevel=2,
+            )
+            files = {case_id: path for case_id, path in files.items() if path.name not in outputs}
+            if not files:
+                raise DatasetError(f"{self.path}: holds only segmentations that delinea predict wrote, no scan")
         if files:
             return [CaseFiles(case_id, path, modality=self.modality) for case_id, path in files.items()]
         return [CaseFiles(self.path.name, self.path, modality=self.modality)]  # a DICOM series, checked on setup

@@ -12,13 +12,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from delinea.errors import OutputError
 from delinea.io import DatasetError
+from delinea.outputs import write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -74,6 +75,7 @@ def load_or_create_split(
         if not isinstance(data, dict) or not all(isinstance(data.get(s, []), list) for s in SPLITS):
             raise DatasetError(f"{path}: a split file must be a JSON object with lists 'train', 'val', 'test'")
         split = {s: [str(c) for c in data.get(s, [])] for s in SPLITS}
+        check_disjoint(split, path)
         known = set(case_ids)
         missing = sorted({c for s in SPLITS for c in split[s]} - known)
         if missing:
@@ -84,12 +86,38 @@ def load_or_create_split(
         return split
     split = make_split(case_ids, ratios, seed)
     data = {**(meta or {}), "seed": seed, "ratios": list(ratios), **split}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file and rename: ranks that race here never read a half-written split.
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(handle.name, path)
+    # Written whole and renamed: ranks that race here never read a half-written split.
+    try:
+        write_atomic(path, json.dumps(data, indent=1))
+    except OutputError as error:
+        base = os.environ.get("DELINEA_SPLIT_DIR")
+        hint = f"set DELINEA_SPLIT_DIR (now {base}) to a writable folder" if base else "set DELINEA_SPLIT_DIR"
+        raise DatasetError(
+            f"split file {error}; a new split is kept where every later stage reads it: {hint}, or pass "
+            "--data.split_file"
+        ) from None
     return split
+
+
+def check_disjoint(split: dict[str, list[str]], path: str | Path) -> None:
+    """Refuse a split that lists a case twice (it would train twice) or in two subsets (a test case trained on).
+
+    Raises:
+        DatasetError: naming the file, the case and the subsets.
+    """
+    where: dict[str, list[str]] = {}
+    for subset in SPLITS:
+        for case in split[subset]:
+            where.setdefault(case, []).append(subset)
+    repeated = {case: subsets for case, subsets in where.items() if len(subsets) > 1}
+    if repeated:
+        case, subsets = next(iter(repeated.items()))
+        listed = " and ".join(sorted(set(subsets)))
+        kind = f"twice in {subsets[0]}" if len(set(subsets)) == 1 else f"in {listed}"
+        more = f" (and {len(repeated) - 1} more case(s))" if len(repeated) > 1 else ""
+        raise DatasetError(
+            f"{path}: case {case!r} is listed {kind}{more}; each case belongs to one subset, once: fix the split file"
+        )
 
 
 def take_fraction(train: Sequence[str], fraction: float) -> list[str]:

@@ -30,10 +30,8 @@ time. A store copied with its source to another machine stays valid when the cop
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import socket
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ import numpy as np
 from delinea.datamodules.utils import CaseFiles, Intensity, LabelSpec
 from delinea.geometry import Plan, Region
 from delinea.io import DatasetError
+from delinea.outputs import atomic_path, write_atomic
 
 VERSION = 1
 FORMAT = "npy-float16"
@@ -86,10 +85,9 @@ def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename: a reader (or a killed run) never sees half of it."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(handle.name, path)
+    """Write JSON whole or not at all (:func:`~delinea.outputs.write_atomic`): a reader (or a killed run) never sees
+    half of it."""
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _check_case_id(case_id: str) -> str:
@@ -270,24 +268,24 @@ class SliceStore:
         (folder / "case.json").unlink(missing_ok=True)
         self._records.pop(files.case_id, None)
         shape = (int(depth), *region.size)
-        # Temporary names of this process: two processes (or nodes) writing one case never share a file.
-        temporary = f"{socket.gethostname()}.{os.getpid()}.tmp"
-        image = np.lib.format.open_memmap(folder / f"image.npy.{temporary}", "w+", np.float16, shape)
-        label = (
-            np.lib.format.open_memmap(folder / f"label.npy.{temporary}", "w+", np.uint8, shape) if labelled else None
-        )
+        # Each array whole (atomic_path: temporary names of this process and host, so two processes or nodes writing
+        # one case never share a file; flushed to the disk before the rename and before the marker).
         foreground = []
-        for k, (image_slice, label_slice) in enumerate(slices):
-            image[k] = np.asarray(image_slice, dtype=np.float16)
-            if label is not None and label_slice is not None:
-                label[k] = np.asarray(label_slice, dtype=np.uint8)
-                if label[k].any():
-                    foreground.append(k)
-        for array, name in ((image, "image.npy"), (label, "label.npy")):
-            if array is not None:
-                array.flush()
-                del array
-                os.replace(folder / f"{name}.{temporary}", folder / name)
+        with contextlib.ExitStack() as stack:
+            image_file = stack.enter_context(atomic_path(folder / "image.npy"))
+            label_file = stack.enter_context(atomic_path(folder / "label.npy")) if labelled else None
+            image = np.lib.format.open_memmap(image_file, "w+", np.float16, shape)
+            label = np.lib.format.open_memmap(label_file, "w+", np.uint8, shape) if label_file is not None else None
+            for k, (image_slice, label_slice) in enumerate(slices):
+                image[k] = np.asarray(image_slice, dtype=np.float16)
+                if label is not None and label_slice is not None:
+                    label[k] = np.asarray(label_slice, dtype=np.uint8)
+                    if label[k].any():
+                        foreground.append(k)
+            for array in (image, label):
+                if array is not None:
+                    array.flush()
+            del image, label  # the maps are closed before the files are renamed
         if not labelled:
             (folder / "label.npy").unlink(missing_ok=True)
         size = sum((folder / n).stat().st_size for n in ("image.npy", "label.npy") if (folder / n).exists())

@@ -24,6 +24,7 @@ import numpy as np
 
 from delinea.evaluation.metrics import EVALUATED, STATUSES, OrganMetrics
 from delinea.labels import FOREGROUND, ORGAN_IDS, PALETTE
+from delinea.outputs import atomic_path, write_atomic
 
 METRICS: tuple[str, ...] = ("dice", "hd95", "assd")
 CSV_COLUMNS: tuple[str, ...] = ("case", "organ", "status", "dice", "hd95", "assd")
@@ -164,8 +165,7 @@ def write_per_case_csv(rows: Iterable[Row], path: str | Path, overwrite: bool = 
     """One line per (case, organ); NaN (not evaluated) is written as ``nan``."""
     path = Path(path)
     _check_free([path], overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -192,11 +192,10 @@ def write_reports(
     }
     _check_free(paths.values(), overwrite)
     summary = summarize(rows)
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_per_case_csv(rows, paths["csv"], overwrite=True)
     # allow_nan=False: summarize() uses None for undefined means, so the file is strict JSON
-    paths["json"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    paths["markdown"].write_text(markdown_table(summary, method=method))
+    write_atomic(paths["json"], json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_atomic(paths["markdown"], markdown_table(summary, method=method))
     return paths
 
 
@@ -312,9 +311,11 @@ def save_overlays(
             frameon=False, labelcolor="white",
         )  # fmt: skip
     fig.tight_layout(rect=(0, 0.06 if present else 0, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, facecolor=fig.get_facecolor())
-    plt.close(fig)
+    try:
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=100, facecolor=fig.get_facecolor(), format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

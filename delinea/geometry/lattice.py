@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from delinea.errors import OptionError
+
 #: What windows are padded with: air in CT and the background of MRI both normalise to -1.
 IMAGE_FILL = -1.0
 #: A voxel is body when its normalised intensity exceeds this (CT: about -150 HU in the default window, below
@@ -45,6 +47,9 @@ BODY_THRESHOLD = -0.9
 #: A row (or column) of the volume belongs to the body box when this share of its voxels is body: speckle noise
 #: and a thin line of the scanner table do not widen the box.
 BODY_SHARE = 0.01
+#: A slice resampled to the plan may have at most this many pixels along a side (a 41 cm field at 0.1 mm): beyond,
+#: resampling and sliding windows cost minutes per slice.
+MAX_SLICE_PIXELS = 4096
 
 
 def body_box(body: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int, int]:
@@ -118,7 +123,14 @@ class Axes:
             start = self.origin[axis] + (box[2 * axis] - 0.5) * self.spacing[axis] - margin
             end = self.origin[axis] + (box[2 * axis + 1] - 0.5) * self.spacing[axis] + margin
             bounds += [math.floor(start / target + 1e-6), math.ceil(end / target - 1e-6)]
-        return Region(bounds[0], max(bounds[1], bounds[0] + 1), bounds[2], max(bounds[3], bounds[2] + 1), target)
+        region = Region(bounds[0], max(bounds[1], bounds[0] + 1), bounds[2], max(bounds[3], bounds[2] + 1), target)
+        if max(region.size) > MAX_SLICE_PIXELS:
+            rows, cols = region.size
+            raise OptionError(
+                f"the plan's spacing {target:g} mm per pixel resamples a {rows * target:.0f} x {cols * target:.0f} mm "
+                f"slice to {rows} x {cols} pixels, more than {MAX_SLICE_PIXELS} per side: choose a coarser spacing"
+            )
+        return region
 
     def voxels_in(self, region: Region) -> tuple[int, int, int, int]:
         """The volume's voxels ``(x0, x1, y0, y1)`` whose centres lie in ``region`` (where predictions go)."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +21,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from delinea.errors import DatasetError, OptionError
+from delinea.outputs import write_atomic
 
 log = logging.getLogger(__name__)
 
 #: Spacings above this many mm per pixel are refused: no abdominal scan has them, a typo does.
 MAX_SPACING = 20.0
+#: Spacings below this are refused: the finest clinical CT and MRI pixels are about 0.2 mm, and every halving of the
+#: spacing quadruples the pixels to resample and the windows to segment (0.01 mm made a 2-step fit 14x slower).
+MIN_SPACING = 0.1
 #: Training windows when neither the datamodule nor a model's plan names one.
 DEFAULT_WINDOW = 256
 PLAN_MODALITIES = ("ct", "mr")
@@ -43,6 +45,11 @@ def check_spacing(value: float, what: str = "spacing") -> float:
         raise OptionError(f"{what} {value!r} must be a positive number of mm per pixel")
     if spacing > MAX_SPACING:
         raise OptionError(f"{what} {value!r} mm per pixel is absurd for a scan (expected at most {MAX_SPACING:g} mm)")
+    if spacing < MIN_SPACING:
+        raise OptionError(
+            f"{what} {value!r} mm per pixel is finer than any CT or MRI slice (expected at least {MIN_SPACING:g} mm: "
+            "each halving quadruples the pixels and windows per slice)"
+        )
     return spacing
 
 
@@ -173,12 +180,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON (atomically: concurrent ranks never read half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-        os.replace(handle.name, path)
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -298,6 +300,7 @@ def resolve_plan(model_plan: Plan | None, stage: str, request: PlanRequest) -> R
 __all__ = [
     "DEFAULT_WINDOW",
     "MAX_SPACING",
+    "MIN_SPACING",
     "PLAN_MODALITIES",
     "Plan",
     "PlanRequest",

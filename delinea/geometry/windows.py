@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from delinea.errors import OptionError
+
+#: Inference windows one slice may take: each is a network pass (a whole sampling run for MedDelinea).
+MAX_WINDOWS_PER_SLICE = 4096
+
 
 def offset_range(length: int, window: int, centre_short: bool = False) -> tuple[int, int]:
     """Smallest and largest training window start along an axis of ``length`` pixels, matching where inference
@@ -85,6 +90,17 @@ def tile_offsets(length: int, window: int) -> list[int]:
     return [first + i * window for i in range(count)]
 
 
+def check_window_count(count: int, image: torch.Tensor, window: int) -> None:
+    """Refuse a slice that would take more than :data:`MAX_WINDOWS_PER_SLICE` windows (a spacing far finer than the
+    scan's, or a tiny window), naming the count and what to change."""
+    if count > MAX_WINDOWS_PER_SLICE:
+        height, width = image.shape[-2:]
+        raise OptionError(
+            f"a {height} x {width} px slice takes {count} windows of {window} px (more than {MAX_WINDOWS_PER_SLICE}): "
+            "choose a larger window (--data.resolution) or a coarser plan spacing"
+        )
+
+
 def covering_window(height: int, width: int, multiple: int) -> int:
     """The smallest window side, a multiple of ``multiple``, that covers a ``height x width`` slice in one window
     (inference without a plan)."""
@@ -106,6 +122,7 @@ def tile_windows(
     """
     height, width = image.shape[-2:]
     tiles = [(top, left) for top in tile_offsets(height, window) for left in tile_offsets(width, window)]
+    check_window_count(len(tiles), image, window)
     images = torch.stack([crop_window(image, y, x, window, fill) for y, x in tiles], 1)  # (N, T, 1, W, W)
     masks = torch.stack([crop_window(mask, y, x, window, 0) for y, x in tiles], 1)  # (N, T, W, W)
     return images.flatten(0, 1), masks.flatten(0, 1), len(tiles)

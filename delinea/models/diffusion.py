@@ -26,6 +26,8 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from delinea.errors import OptionError
+
 # DiT's training schedule: linear betas 1e-4 -> 0.02 over 1000 steps, epsilon prediction.
 DIT_SCHEDULE = {
     "num_train_timesteps": 1000,
@@ -59,6 +61,37 @@ def make_sampler(name: str) -> SchedulerMixin:
     if key == "dpmsolver++":
         extra = {"algorithm_type": "dpmsolver++"}
     return SCHEDULERS[key](**DIT_SCHEDULE, **extra)
+
+
+def _steps_work(sampler: SchedulerMixin, steps: int) -> bool:
+    try:
+        sampler.set_timesteps(steps)
+    except ValueError:  # DDIM refuses more steps than training timesteps
+        return False
+    timesteps = sampler.timesteps.tolist()
+    return len(set(timesteps)) == len(timesteps)
+
+
+def check_sampling_steps(scheduler: str, steps: int) -> None:
+    """Refuse a step count a sampler cannot take: below 1, or one for which diffusers repeats a timestep
+    (``dpmsolver++`` and ``unipc`` at 1000 steps), which gives NaN latents without a word.
+
+    Raises:
+        OptionError: naming the sampler, the count and the largest count it takes.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise OptionError(f"sampling_steps must be a positive integer, got {steps!r}")
+    sampler = make_sampler(scheduler)
+    if _steps_work(sampler, steps):
+        return
+    timesteps = int(sampler.config.num_train_timesteps)
+    most = min(steps, timesteps)
+    while most > 1 and not _steps_work(sampler, most):
+        most -= 1
+    raise OptionError(
+        f"sampling_steps {steps} is more than the {scheduler} sampler can take over DiT's {timesteps} timesteps "
+        f"(diffusers would repeat a timestep, which gives NaN, or refuse): choose at most {most}"
+    )
 
 
 class NoiseSchedule(nn.Module):
@@ -134,8 +167,7 @@ def sample_latents(
     Returns:
         Float32 latents (N, C, h, w); the sampler's state and arithmetic stay float32 whatever ``denoise`` computes in.
     """
-    if steps < 1:
-        raise ValueError(f"steps ({steps}) must be at least 1")
+    check_sampling_steps(scheduler, steps)
     sampler = make_sampler(scheduler)
     sampler.set_timesteps(steps, device=device)
     shape = tuple(int(s) for s in shape)
@@ -154,4 +186,12 @@ def sample_latents(
     return z
 
 
-__all__ = ["DIT_SCHEDULE", "SCHEDULERS", "NoiseSchedule", "make_sampler", "null_class", "sample_latents"]
+__all__ = [
+    "DIT_SCHEDULE",
+    "SCHEDULERS",
+    "NoiseSchedule",
+    "check_sampling_steps",
+    "make_sampler",
+    "null_class",
+    "sample_latents",
+]

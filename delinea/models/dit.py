@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from delinea.errors import CheckpointError
-from delinea.models.weights import load_torch_file, load_weights, read_weights
+from delinea.models.weights import is_weight_file, load_torch_file, load_weights, read_weights
+from delinea.outputs import atomic_files
 
 # DiT size presets (depth, hidden size, heads) from the DiT paper, plus a tiny one for tests and CPU demos.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -234,9 +236,11 @@ def load_dit(path: str | Path, num_heads: int | None = None) -> DiTTransformer2D
 def save_dit(dit: DiTTransformer2DModel, folder: str | Path, max_shard_size: str = "4MB") -> None:
     """Write a DiT as a diffusers folder (config.json + safetensors shards) that :func:`load_dit` reads.
 
-    Small shards keep every file of weights shipped in the repository under 5 MB.
+    Small shards keep every file of weights shipped in the repository under 5 MB. Each file is written whole, and
+    an earlier save's weights that the new one does not replace are removed (:func:`~delinea.outputs.atomic_files`).
     """
-    dit.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
+    with atomic_files(folder, stale=is_weight_file) as staging:
+        dit.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
 
 
 def _heads_of_args(args: object, source: str) -> int | None:
@@ -258,8 +262,9 @@ def original_num_heads(
     """The head count of an original DiT checkpoint, which its tensors do not carry.
 
     In order: ``num_heads`` if given (it must agree with a ``train.py`` checkpoint's ``args.model``); the preset
-    that ``args.model`` names; the preset with this depth and hidden size (the released ``.pt`` files). Anything
-    else is ambiguous: hidden 384 could be 6 heads of 64 or 16 of 24, and a wrong guess loads silently wrong.
+    that ``args.model`` names; the preset with this depth and hidden size (the released ``.pt`` files), a guess
+    that is warned about. Anything else is ambiguous: hidden 384 could be 6 heads of 64 or 16 of 24, and a wrong
+    guess loads silently wrong.
 
     Raises:
         CheckpointError: the count cannot be determined, contradicts ``args.model``, or does not divide ``hidden``.
@@ -281,6 +286,12 @@ def original_num_heads(
                 "stored in its weights: pass num_heads (--model.dit_num_heads)"
             )
         num_heads = DIT_SIZES[presets[0]][2]
+        warnings.warn(
+            f"{source}: the head count is not stored in a DiT .pt's weights; assuming {num_heads}, that of the "
+            f"DiT-{presets[0]} preset of the same depth and width. A DiT trained with another count loads without "
+            "error and computes wrong outputs: if so, pass --model.dit_num_heads (num_heads)",
+            stacklevel=2,
+        )
     if num_heads < 1 or hidden % num_heads:
         raise CheckpointError(f"{source}: num_heads={num_heads} does not divide the hidden size {hidden}")
     return num_heads

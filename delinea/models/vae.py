@@ -16,7 +16,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from delinea.labels import PALETTE, mask_to_rgb
-from delinea.models.weights import load_weights, read_weights
+from delinea.models.weights import is_weight_file, load_weights, read_weights
+from delinea.outputs import atomic_files
 
 # AutoencoderKL sizes: (block_out_channels, layers_per_block, norm_num_groups). ``sd`` is the Stable Diffusion
 # VAE (f=8) that sd-vae-ft-ema uses; ``tiny`` (f=2) is for tests.
@@ -70,7 +71,8 @@ def load_vae(path: str | Path) -> AutoencoderKL:
 
 def save_vae(vae: AutoencoderKL, folder: str | Path, max_shard_size: str = "4MB") -> None:
     """Write a VAE as a diffusers folder (config.json + safetensors shards) that :func:`load_vae` reads."""
-    vae.save_pretrained(str(folder), safe_serialization=True, max_shard_size=max_shard_size)
+    with atomic_files(folder, stale=is_weight_file) as staging:
+        vae.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
 
 
 class MaskVAE(nn.Module):

@@ -4,7 +4,9 @@ weights-only) and torch files, and loading them with messages that name the file
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -14,14 +16,81 @@ from torch import nn
 from delinea.errors import CheckpointError
 
 
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of a model folder's weight files (or their index)."""
+    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+
+
+#: A shard's file name without its extension: ``<stem>-00001-of-00003``.
+_SHARD = re.compile(r"^(?P<stem>.+)-\d+-of-\d+$")
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Read the weights of a diffusers model folder: safetensors preferred, else a ``.bin`` without pickled code."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no *.safetensors or *.bin weight file")
+    """Read a model folder's weights after checking that its files agree: one ``<stem>.safetensors``, or the shards
+    that ``<stem>.safetensors.index.json`` names, each present and holding the keys the index gives it, with no other
+    weight file beside them. ``.bin`` files (read without pickled code) only where there are no safetensors.
+
+    Raises:
+        CheckpointError: naming the folder: no weights, weights under several names, a stale single file beside
+            shards, a shard missing or one the index does not name, shards without their index, keys that index and
+            shard disagree on, or an unreadable file.
+    """
+    folder = Path(folder)
+    for ext in (".safetensors", ".bin"):
+        files = sorted(p.name for p in folder.glob(f"*{ext}") if p.is_file() and not p.name.startswith("."))
+        indexes = sorted(p.name for p in folder.glob(f"*{ext}.index.json") if not p.name.startswith("."))
+        if files or indexes:
+            break
+    else:
+        raise CheckpointError(f"{folder}: no weights (*.safetensors or *.bin files) in the model folder")
+    stems = {_SHARD.sub(r"\g<stem>", name.removesuffix(ext)) for name in files}
+    stems |= {name.removesuffix(f"{ext}.index.json") for name in indexes}
+    if len(stems) > 1:
+        raise CheckpointError(
+            f"{folder}: weights under {len(stems)} names ({', '.join(sorted(stems))}); which to read is ambiguous: "
+            "keep one model per folder"
+        )
+    stem = stems.pop()
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(folder / name)) if ext == ".safetensors" else load_torch_file(folder / name)
+        except CheckpointError:
+            raise
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{folder / name}: unreadable weights ({type(error).__name__}: {error})") from None
+
+    if not indexes:
+        if files != [stem + ext]:
+            raise CheckpointError(
+                f"{folder}: shards {files[:3]} without their index {stem}{ext}.index.json; the model is incomplete"
+            )
+        return load(files[0])
+    index_file = folder / indexes[0]
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        named = {str(shard) for shard in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index_file}: not a weight index ({type(error).__name__}: {error})") from None
+    missing, extra = sorted(named - set(files)), sorted(set(files) - named)
+    if missing:
+        raise CheckpointError(f"{folder}: shard(s) {missing[:3]} named by {index_file.name} are missing")
+    if extra:
+        raise CheckpointError(
+            f"{folder}: {', '.join(extra[:3])} beside the shards {index_file.name} names (left by an earlier save?); "
+            "which weights to read is ambiguous: remove the file(s) that do not belong"
+        )
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)) if file.suffix == ".safetensors" else load_torch_file(file))
+    for name in sorted(named):
+        shard = load(name)
+        expected = {key for key, where in weight_map.items() if where == name}
+        if set(shard) != expected:
+            raise CheckpointError(
+                f"{folder}: {name} holds {len(shard)} weights and {index_file.name} gives it {len(expected)} "
+                f"({len(set(shard) ^ expected)} differ, e.g. {sorted(set(shard) ^ expected)[:2]}); index and shards "
+                "disagree"
+            )
+        state.update(shard)
     return state
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from delinea.errors import CheckpointError
 from delinea.tasks.base import SegmentationTask
-from delinea.tasks.checkpoints import read_checkpoint, saved_hparams
+from delinea.tasks.checkpoints import checkpoint_hparams, read_checkpoint
 from delinea.tasks.export import RUN_KEYS
 from delinea.tasks.meddelinea import MedDelineaTask
 from delinea.tasks.unet import UNetTask
@@ -38,9 +38,9 @@ def task_from_checkpoint(
     """The task a checkpoint (or model folder) already read names, built from its hyperparameters (``overrides``
     replace some, e.g. ``sampling_steps=10``; ``inference`` drops the training-only ``init_from`` and
     ``latent_cache``) and holding its weights and plan."""
-    hparams = {k: v for k, v in saved_hparams(checkpoint).items() if not (inference and k in RUN_KEYS)}
+    hparams = {k: v for k, v in checkpoint_hparams(checkpoint, source).items() if not (inference and k in RUN_KEYS)}
     task = checkpoint_task(checkpoint, source)(**{**hparams, **overrides})
-    return task.restore(checkpoint)
+    return task.restore(checkpoint, source)
 
 
 def load_task(
@@ -57,6 +57,7 @@ __all__ = [
     "MedDelineaTask",
     "SegmentationTask",
     "UNetTask",
+    "checkpoint_hparams",
     "checkpoint_task",
     "load_task",
     "read_checkpoint",

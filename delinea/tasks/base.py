@@ -169,11 +169,19 @@ class SegmentationTask(SeededSteps, LightningModule):
             f"{wrong[0]})" + (f"; options that differ from the checkpoint's: {', '.join(differ)}" if differ else "")
         )
 
-    def restore(self, checkpoint: dict[str, Any]) -> SegmentationTask:
+    def restore(self, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> SegmentationTask:
         """Load a checkpoint (or model folder) already read into this task built from its hyperparameters, as
-        Lightning would (:meth:`on_load_checkpoint`, then the weights)."""
+        Lightning would (:meth:`on_load_checkpoint`, then the weights).
+
+        Raises:
+            CheckpointError: naming ``source``, when its weights do not fit the task.
+        """
         self.on_load_checkpoint(checkpoint)
-        self.load_state_dict(checkpoint["state_dict"])
+        try:
+            self.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise CheckpointError(f"{source}: its weights do not fit a {type(self).__name__} ({first[:200]})") from None
         return self
 
     def on_fit_start(self) -> None:

@@ -46,6 +46,25 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
     return checkpoint
 
 
-def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters a checkpoint (or model folder) was saved with, without Lightning's private entries."""
-    return {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+def checkpoint_hparams(checkpoint: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """A checkpoint's (or model folder's) hyperparameters, which must be plain values: a class path among them would
+    make the CLI import and build what the file names.
+
+    Raises:
+        CheckpointError: naming the file (a model folder's ``config.json``) and the hyperparameter.
+    """
+
+    def holds_class(value: Any) -> bool:
+        if isinstance(value, dict):
+            return "class_path" in value or any(holds_class(v) for v in value.values())
+        return isinstance(value, list | tuple) and any(holds_class(v) for v in value)
+
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    for key, value in hparams.items():
+        if holds_class(value):
+            where = Path(source) / "config.json" if Path(source).is_dir() else source
+            raise CheckpointError(
+                f"{where}: hyperparameter {key!r} holds a class path ({str(value)[:80]}); delinea's hyperparameters "
+                "are plain values (numbers, strings, lists): refused"
+            )
+    return hparams

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from delinea.errors import DatasetError
+from delinea.models.weights import is_weight_file, read_weights
+from delinea.outputs import atomic_files
 
 FORMAT = 1
 #: Hyperparameters that name files: stored relative to the folder when they lie near it.
@@ -63,9 +65,6 @@ def save_model_folder(
         "hyper_parameters": hparams,
         **{k: v for k, v in checkpoint.items() if k.startswith("delinea_") and k != "delinea_task"},
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("model*.safetensors*"):
-        old.unlink()
     state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     limit, size = max_shard_mb * 1e6, 0.0
@@ -76,16 +75,19 @@ def save_model_folder(
             size = 0.0
         shards[-1][key] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"))
-    else:
-        index = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name))
-            index.update({key: name for key in shard})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=1) + "\n")
-    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    # Each file whole, config.json last, and an earlier save's weights that these do not replace removed after them
+    # (atomic_files): a folder caught between two saves holds files that disagree, which read_weights refuses.
+    with atomic_files(folder, stale=lambda name: name.startswith("model") and is_weight_file(name)) as staging:
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / "model.safetensors"))
+        else:
+            index = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / name))
+                index.update({key: name for key in shard})
+            (staging / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=1) + "\n")
+        (staging / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
 
@@ -103,15 +105,7 @@ def read_model_folder(folder: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{folder / 'config.json'}: not a delinea model folder ({error})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or "task" not in config:
         raise DatasetError(f"{folder / 'config.json'}: not a delinea model folder (expected format {FORMAT})")
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise DatasetError(f"{folder}: no model*.safetensors weights next to config.json")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise DatasetError(f"{file}: unreadable weights ({type(error).__name__}: {error})") from None
+    state = read_weights(folder)
     hparams = dict(config.get("hyper_parameters", {}))
     for key in PATH_KEYS:
         value = hparams.get(key)

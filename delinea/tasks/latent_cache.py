@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from delinea.outputs import atomic_path
 
 
 class LatentCache:
@@ -56,12 +57,10 @@ class LatentCache:
         return image, mask
 
     def _write(self, key: str, image: torch.Tensor, mask: torch.Tensor) -> None:
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        # Write then rename: concurrent ranks or an interrupted run never leave a half-written file behind.
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(
-            {"image": image.detach().float().cpu().contiguous(), "mask": mask.detach().float().cpu().contiguous()},
-            str(temporary),
-        )
-        os.replace(temporary, path)
+        # Written whole and renamed: concurrent ranks or a killed run never leave a half-written file behind (not
+        # flushed to the disk, for speed: only a power cut could damage an entry of this cache).
+        with atomic_path(self.path(key), fsync=False) as temporary:
+            save_file(
+                {"image": image.detach().float().cpu().contiguous(), "mask": mask.detach().float().cpu().contiguous()},
+                str(temporary),
+            )

@@ -17,7 +17,7 @@ from delinea.datamodules.batches import EvalBatch, WindowBatch
 from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
-from delinea.models.diffusion import make_sampler
+from delinea.models.diffusion import check_sampling_steps, make_sampler
 from delinea.models.dit import DIT_PRESETS
 from delinea.models.losses import bce_dice_loss
 from delinea.models.meddelinea import CHECKPOINT_PARTS
@@ -106,8 +106,7 @@ class MedDelineaTask(SegmentationTask):
         if not 0 <= ema_decay < 1:
             raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
         make_sampler(sampler)  # fail early on an unknown sampler name
-        if not isinstance(sampling_steps, int) or sampling_steps < 1:
-            raise OptionError(f"sampling_steps must be a positive integer, got {sampling_steps!r}")
+        check_sampling_steps(sampler, sampling_steps)  # and on a step count it cannot take
         if not isinstance(ensemble, int) or ensemble < 1:
             raise OptionError(f"ensemble must be a positive integer (samples per slice), got {ensemble!r}")
         resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype
@@ -126,6 +125,13 @@ class MedDelineaTask(SegmentationTask):
         mask_vae = MaskVAE(vae, NUM_CLASSES)
         latent_size = hp.image_size // mask_vae.downsampling
         if hp.dit in DIT_PRESETS:
+            multiple = mask_vae.downsampling * int(hp.dit.rsplit("/", 1)[1])
+            if not isinstance(hp.image_size, int) or hp.image_size < multiple or hp.image_size % multiple:
+                raise OptionError(
+                    f"image_size {hp.image_size!r} must be a positive multiple of {multiple} (the VAE's downsampling "
+                    f"{mask_vae.downsampling} x the patch size of {hp.dit}); e.g. "
+                    f"{max(1, round(hp.image_size / multiple)) * multiple}"
+                )
             dit = build_dit(hp.dit, sample_size=latent_size, in_channels=mask_vae.latent_channels)
         else:
             dit = load_dit(_existing(hp.dit, "dit"), num_heads=hp.get("dit_num_heads"))
