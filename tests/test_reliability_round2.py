@@ -41,6 +41,7 @@ from delinea.models import build_dit, save_dit
 from delinea.models.diffusion import check_sampling_steps, make_sampler, sample_latents
 from delinea.models.dit import load_dit
 from delinea.runs import claim_version
+from delinea.segmenter import Segmenter
 from delinea.tasks import MedDelineaTask, UNetTask, load_task
 from delinea.tasks.export import read_model_folder, save_model_folder
 from delinea.testing.faults import full_disk, open_on_full_disk
@@ -379,7 +380,7 @@ def test_the_plan_bounds_its_spacing_slices_and_windows(capsys: pytest.CaptureFi
     task = UNetTask(channels=[4, 8, 16], num_res_units=1)
     task.set_plan(Plan.uniform(1.0, 8))  # windows of 8 px at a stride of 4
     with pytest.raises(OptionError, match=r"a 300 x 300 px slice takes 5476 windows of 8 px \(more than 4096\)"):
-        task.predict_slices(torch.zeros(1, 1, 300, 300))
+        Segmenter(task).segment_slices(torch.zeros(1, 1, 300, 300))
     with pytest.raises(OptionError, match=r"a 600 x 600 px slice takes 5625 windows of 8 px"):  # validation's tiles
         task.tile({"image": torch.zeros(1, 1, 600, 600), "mask": torch.zeros(1, 600, 600, dtype=torch.long)})
 

@@ -19,7 +19,6 @@ import delinea
 import delinea.datamodules.index
 import delinea.datamodules.utils
 import delinea.models.weights
-import delinea.tasks.export
 from delinea import Segmenter
 from delinea.datamodules import FolderDataModule
 from delinea.errors import OptionError
@@ -127,8 +126,7 @@ class Reads:
         self.counts: Counter[str] = Counter()
         self.monkeypatch = monkeypatch
         self.wrap(torch, "load")  # checkpoints (delinea's reading and Lightning's)
-        self.wrap(delinea.tasks.export, "load_file")  # model folders' safetensors
-        self.wrap(delinea.models.weights, "load_file")  # backbone folders
+        self.wrap(delinea.models.weights, "load_file")  # model folders' and backbone folders' safetensors
         for module in (delinea.io, delinea.datamodules.utils, delinea.datamodules.index):
             self.wrap(module, "read_volume")  # whole scans and labels
 
