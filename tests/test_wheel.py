@@ -38,8 +38,8 @@ def test_installed_wheel_runs_the_smoke_demo_from_elsewhere(tmp_path: Path) -> N
     wheel = next((tmp_path / "dist").glob("delinea-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
-        "delinea/demo/configs/meddelinea.yaml",
-        "delinea/demo/configs/unet.yaml",
+        "delinea/demo/configs/meddelinea_fewshot.yaml",
+        "delinea/demo/configs/unet_fewshot.yaml",
         "delinea/demo/weights/vae/config.json",
         "delinea/demo/weights/dit/config.json",
         "delinea/sample/images/ct.nii.gz",
