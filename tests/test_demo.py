@@ -196,7 +196,9 @@ def test_shipped_models_segment_a_scan_from_a_copied_folder(
 ) -> None:
     """The README's one-command predict with a shipped model, from a copy of the weights folder (as in a fresh
     clone: backbone paths are stored relative to it) on 4 slices of the held-out CT slab: the segmentation lies on
-    the scan's grid and finds its liver (held-out liver Dice of the shipped models: 0.66 and 0.93 on the slab)."""
+    the scan's grid and finds its liver (held-out liver Dice of the shipped models: 0.82 and 0.93 on the slab).
+    MedDelinea averages 4 samples per slice: on these 4 slices one sample's liver Dice swings between 0.26 and
+    0.75 with the noise seed; 4 samples gave 0.56 and 0.60."""
     for name in (model, "dit", "vae"):
         shutil.copytree(WEIGHTS / name, tmp_path / "weights" / name)
     config = json.loads((tmp_path / "weights" / model / "config.json").read_text())["hyper_parameters"]
@@ -206,7 +208,8 @@ def test_shipped_models_segment_a_scan_from_a_copied_folder(
     nib.save(ct, tmp_path / "slab.nii.gz")
     predict = ["predict", "--ckpt", str(tmp_path / "weights" / model), "--data", "scan", "--data.path",
                str(tmp_path / "slab.nii.gz"), "--output", str(tmp_path / "seg"), "--trainer.default_root_dir",
-               str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"]  # fmt: skip
+               str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+               *(["--model.ensemble", "4"] if model == "meddelinea" else [])]  # fmt: skip
     cli(predict)
     seg = nib.load(tmp_path / "seg" / "slab_seg.nii.gz")
     assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine)
