@@ -213,7 +213,6 @@ class DelineaCLI(OneLineErrorsCLI):
         whole cases, with the plan the datamodule serves."""
         if isinstance(model, SegmentationTask):
             if self.checkpoint_data is not None:
-                model.check_fits(self.checkpoint_data, self.checkpoint or "")
                 model.restore(self.checkpoint_data, self.checkpoint or "checkpoint")
             segmenter = Segmenter(model)
             if isinstance(datamodule, SliceData):

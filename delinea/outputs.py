@@ -151,12 +151,12 @@ def _make_folder(folder: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_files(folder: str | Path, stale: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
+def atomic_files(folder: str | Path, stale: Callable[[str], bool]) -> Iterator[Path]:
     """Write the files of a folder (a model's weights and config) each whole: yields a staging folder beside
     ``folder`` to write them into; then each is moved into ``folder`` by :func:`atomic_path`, ``config.json`` last,
     and the files of ``folder`` that ``stale`` names and this write did not replace (an earlier save's other shards)
     are removed. A kill between two files leaves files that disagree, which the readers refuse
-    (:func:`delinea.models.dit.read_weights`), never part of one.
+    (:func:`delinea.models.weights.read_weights`), never part of one.
 
     Raises:
         OutputError: as :func:`atomic_path`.

@@ -20,7 +20,7 @@ def _flat(options: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): options}
 
 
-def find_last_checkpoint(trainer: Trainer, options: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+def find_last_checkpoint(trainer: Trainer, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The ``last*.ckpt`` that ``--ckpt_path last`` resumes, with its contents (read once, weights-only and
     memory-mapped, the copy the trainer resumes from): the newest among those saved by a run with ``options``
     (the model, data and seed a run records in its checkpoints, :class:`~delinea.callbacks.RunOptions`), found in
@@ -43,17 +43,11 @@ def find_last_checkpoint(trainer: Trainer, options: dict[str, Any] | None = None
             f"--ckpt_path last: no last.ckpt under {where}; start a new run without it, or give the checkpoint's path"
         )
 
-    def newest(paths: Any) -> Path:
-        return max(paths, key=lambda p: p.stat().st_mtime)
-
-    if options is None:
-        chosen = newest(found)
-        return chosen, read_checkpoint(chosen, mmap=True)
     read = {path: read_checkpoint(path, mmap=True) for path in found}
     recorded = {path: checkpoint.get("delinea_options") for path, checkpoint in read.items()}
     matching = [path for path, saved in recorded.items() if saved == options]
     if matching:
-        chosen = newest(matching)
+        chosen = max(matching, key=lambda p: p.stat().st_mtime)
         return chosen, read[chosen]
     if len(found) == 1 and None in recorded.values():
         chosen = next(iter(found))

@@ -301,6 +301,8 @@ class Segmenter:
         complete."""
         targets = targets_of(folder, case.case_id, save_uncertainty)
         geometry = case.geometry
+        if not overwrite and (existing := [str(p) for p in targets.values() if p.exists()]):
+            raise FileExistsError(f"{', '.join(existing)}: already there; pass overwrite=True to replace")
         # An earlier sidecar goes first, so that a run stopped between the files never leaves an old sidecar beside a
         # new label map; each file is written whole or not at all (:func:`~delinea.outputs.atomic_path`).
         targets["sidecar"].unlink(missing_ok=True)
@@ -310,11 +312,11 @@ class Segmenter:
             save_nifti(geometry.to_original(case.uncertainty.astype(np.float32)), geometry.original_affine,
                        targets["uncertainty"], overwrite=overwrite,
                        description=f"{PREDICTION_DESCRIPTION}: uncertainty")  # fmt: skip
-        present = sorted(int(v) for v in np.unique(case.labels) if v)
+        counts = np.bincount(case.labels.ravel(), minlength=len(ORGANS))
         sidecar: dict[str, Any] = {
             "source": str(source),
             "labels": {str(i): name for i, name in enumerate(ORGANS)},
-            "present": {ORGANS[i]: int((case.labels == i).sum()) for i in present},
+            "present": {ORGANS[i]: int(count) for i, count in enumerate(counts) if i and count},
             "spacing_mm": [float(s) for s in geometry.spacing],
             "model": type(self.task).__name__,
             "plan": self.plan.to_dict() if self.plan is not None else None,

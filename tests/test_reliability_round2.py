@@ -127,6 +127,7 @@ def test_predict_killed_at_any_moment_leaves_whole_files_or_none(unet: Path, sca
     for fault in faults:
         killed = _kill_predict([*argv, "--overwrite", "true"], fault, tmp_path)
         assert killed.returncode == -9, (fault, killed.stderr[-1500:])
+        assert {p.name for p in out.glob("[!.]*.nii.gz")} == set(expected), fault  # none lost
         for path in out.glob("[!.]*.nii.gz"):  # whole: it reads, and holds the result (float maps up to threads)
             values = np.asarray(nib.load(path).dataobj)
             assert np.allclose(values, expected[path.name], rtol=0, atol=1e-3), (fault, path.name)

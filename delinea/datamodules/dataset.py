@@ -329,8 +329,9 @@ class SliceDataset(Dataset):
         sample["labelled"] = self.labelled[number].clone()
         sample["cache_key"] = "" if augment else self.cache_key(index, region, modality, crop)
         if native is not None:
-            label = native.label if native.label is not None else np.zeros(native.volume.array.shape, np.uint8)
-            sample["native_label"] = torch.from_numpy(np.ascontiguousarray(label[:, :, k]))
+            shape = native.volume.array.shape[:2]
+            label = native.label[:, :, k] if native.label is not None else np.zeros(shape, np.uint8)
+            sample["native_label"] = torch.from_numpy(np.ascontiguousarray(label))
             sample["native_image"] = torch.from_numpy(native.image_slice(k, self.intensity))
         return sample
 

@@ -167,8 +167,9 @@ def sample_latents(
     Returns:
         Float32 latents (N, C, h, w); the sampler's state and arithmetic stay float32 whatever ``denoise`` computes in.
     """
-    check_sampling_steps(scheduler, steps)
     sampler = make_sampler(scheduler)
+    if not (isinstance(steps, int) and steps >= 1 and _steps_work(sampler, steps)):
+        check_sampling_steps(scheduler, steps)  # raises, naming the largest count the sampler takes
     sampler.set_timesteps(steps, device=device)
     shape = tuple(int(s) for s in shape)
     if isinstance(generator, list):

@@ -156,9 +156,9 @@ class SegmentationTask(SeededSteps, LightningModule):
         Raises:
             CheckpointError: a weight's shape differs, or the checkpoint lacks or adds trainable weights.
         """
-        state, own = checkpoint.get("state_dict", {}), self.state_dict()
+        state, own, frozen = checkpoint.get("state_dict", {}), self.state_dict(), self.frozen_keys()
         wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        wrong += [k for k in state if k not in own] + [k for k in own if k not in state and k not in self.frozen_keys()]
+        wrong += [k for k in state if k not in own] + [k for k in own if k not in state and k not in frozen]
         if not wrong:
             return
         saved = checkpoint.get("hyper_parameters", {})
@@ -174,8 +174,9 @@ class SegmentationTask(SeededSteps, LightningModule):
         Lightning would (:meth:`on_load_checkpoint`, then the weights).
 
         Raises:
-            CheckpointError: naming ``source``, when its weights do not fit the task.
+            CheckpointError: naming ``source``, when its weights do not fit the task (:meth:`check_fits`).
         """
+        self.check_fits(checkpoint, source)
         self.on_load_checkpoint(checkpoint)
         try:
             self.load_state_dict(checkpoint["state_dict"])

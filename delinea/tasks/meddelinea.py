@@ -17,7 +17,7 @@ from delinea.datamodules.batches import EvalBatch, WindowBatch
 from delinea.errors import OptionError
 from delinea.labels import NUM_CLASSES
 from delinea.models import MedDelinea, build_dit, build_vae, load_dit, load_vae
-from delinea.models.diffusion import check_sampling_steps, make_sampler
+from delinea.models.diffusion import check_sampling_steps
 from delinea.models.dit import DIT_PRESETS
 from delinea.models.losses import bce_dice_loss
 from delinea.models.meddelinea import CHECKPOINT_PARTS
@@ -105,8 +105,7 @@ class MedDelineaTask(SegmentationTask):
         checkpoint_parts(activation_checkpointing)  # fail early on an unknown part
         if not 0 <= ema_decay < 1:
             raise OptionError(f"ema_decay {ema_decay} must be in [0, 1)")
-        make_sampler(sampler)  # fail early on an unknown sampler name
-        check_sampling_steps(sampler, sampling_steps)  # and on a step count it cannot take
+        check_sampling_steps(sampler, sampling_steps)  # fail early on an unknown sampler or a count it cannot take
         if not isinstance(ensemble, int) or ensemble < 1:
             raise OptionError(f"ensemble must be a positive integer (samples per slice), got {ensemble!r}")
         resolve_inference_dtype(inference_dtype, "cpu")  # and on an unknown inference dtype

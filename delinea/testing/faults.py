@@ -99,8 +99,6 @@ def kill_at_write(name_part: str, nth: int) -> None:
 def kill_at_replace(nth: int) -> None:
     """From now on in this process, SIGKILL just before the ``nth`` rename (counted from 1) of a finished file over
     its target (``os.replace``): between two files of one case."""
-    import delinea.outputs
-
     replace = os.replace
     seen = [0]
 
@@ -110,4 +108,4 @@ def kill_at_replace(nth: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         replace(source, target)
 
-    delinea.outputs.os.replace = killing  # type: ignore[assignment]
+    os.replace = killing  # type: ignore[assignment]
