@@ -19,6 +19,7 @@ import delinea
 import delinea.datamodules.index
 import delinea.datamodules.utils
 import delinea.models.weights
+import delinea.segmenter
 from delinea import Segmenter
 from delinea.datamodules import FolderDataModule
 from delinea.errors import OptionError
@@ -60,7 +61,9 @@ def write_scan(path: Path, seed: int = 0, orientation: str = "LPS") -> nib.Nifti
     return nib.load(str(path))
 
 
-def test_an_array_a_file_and_the_cli_segment_alike(models: dict[str, Path], tmp_path: Path) -> None:
+def test_an_array_a_file_and_the_cli_segment_alike(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scan = write_scan(tmp_path / "in" / "scan.nii.gz")
     segmenter = Segmenter.from_pretrained(models["meddelinea"])
     assert segmenter.window == 32 and segmenter.plan == Plan.uniform(1.0, 32)
@@ -82,6 +85,11 @@ def test_an_array_a_file_and_the_cli_segment_alike(models: dict[str, Path], tmp_
     assert sidecars[0]["model"] == "MedDelineaTask" and sidecars[0]["plan"]["window"] == [32]
     with pytest.raises(FileExistsError, match="scan_seg"):  # nothing is overwritten unless asked
         segmenter.predict_files(tmp_path / "in", tmp_path / "python")
+    sidecar = (tmp_path / "python" / "scan_seg.json").read_bytes()
+    monkeypatch.setattr(delinea.segmenter, "check_outputs", lambda *args: None)  # Segmenter.write's own refusal
+    with pytest.raises(FileExistsError, match="scan_seg"):
+        segmenter.predict_files(tmp_path / "in", tmp_path / "python")
+    assert (tmp_path / "python" / "scan_seg.json").read_bytes() == sidecar  # refused before anything was removed
 
 
 def test_probabilities_and_uncertainty_come_back_on_the_input_grid(models: dict[str, Path], tmp_path: Path) -> None:
