@@ -74,7 +74,7 @@ class CaseIndex:
         records ``verified``. ``modality`` reads the image of a case whose modality is ``auto`` to detect it (planning
         needs it; a loader detects it where it reads the case anyway).
         """
-        todo = []
+        todo, fresh_ids = [], set()
         options = _options(atol, ignore_unknown)
         for files in cases:
             entry = self.entries.get(files.case_id)
@@ -84,6 +84,8 @@ class CaseIndex:
                 and entry.get("options") == options
                 and bool(entry.get("needs_label")) >= needs_label
             )
+            if fresh:
+                fresh_ids.add(files.case_id)
             if (
                 entry is None
                 or not fresh
@@ -95,8 +97,17 @@ class CaseIndex:
         if todo:
 
             def work(f: CaseFiles) -> dict[str, Any]:
-                entry = _inspect(f, needs_label, spec, foreground, atol, ignore_unknown, modality)
-                if verify and entry["error"] is None:
+                # What an earlier call found of the same files stays; only the missing reads are made.
+                old = self.entries[f.case_id] if f.case_id in fresh_ids else {}
+                known_foreground = old.get("foreground") is not None
+                known_modality = f.modality == "auto" and old.get("modality", "auto") != "auto"  # detected
+                entry = _inspect(f, needs_label or bool(old.get("needs_label")), spec,
+                                 foreground and not known_foreground, atol, ignore_unknown,
+                                 modality and not known_modality)  # fmt: skip
+                if entry["error"] is None:
+                    entry.update({k: old[k] for k in ("foreground", "verified") if k in old and k not in entry})
+                    entry["modality"] = old["modality"] if known_modality else entry["modality"]
+                if verify and entry["error"] is None and entry.get("verified") != nonfinite:
                     try:
                         intensity = Intensity()  # the checks do not depend on the normalisation
                         load_case_files(f, spec if f.has_label else None, intensity, ignore_unknown, atol, nonfinite)

@@ -355,3 +355,28 @@ def test_case_index_is_reused_and_refreshed_when_files_change(
     os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # the file changed
     _dm(BTCVDataModule, root, empty_slice_ratio=0.5).setup("fit")
     assert calls == [train[0]]
+
+
+def test_the_case_index_reads_each_case_once_across_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_data (foreground), planning (modality) and setup ask the index different questions; each case's label
+    and image are read once, and a second datamodule over the same files reads nothing."""
+    import delinea.datamodules.index as index
+    from delinea.datamodules import FolderDataModule
+    from delinea.datamodules.batches import give_plan
+    from delinea.testing.phantoms import write_folder
+
+    reads = {"read_volume": 0, "read_label": 0}
+    for name in reads:
+        original = getattr(index, name)
+        monkeypatch.setattr(index, name, lambda *a, _f=original, _n=name, **k: reads.__setitem__(_n, reads[_n] + 1)
+                            or _f(*a, **k))  # fmt: skip
+    write_folder(tmp_path / "d", {f"c{i}": "ct" for i in range(6)})
+    for _ in range(2):
+        data = FolderDataModule(root=str(tmp_path / "d"), split_file=str(tmp_path / "s.json"), empty_slice_ratio=0.5,
+                                resolution=32)  # fmt: skip
+        data.prepare_data()
+        give_plan(data, None, "fit")
+        data.setup("fit")
+        (tmp_path / "s.plan.json").unlink(missing_ok=True)
+        training = len(json.loads((tmp_path / "s.json").read_text())["train"])
+        assert 0 < training < 6 and reads == {"read_volume": training, "read_label": training}
